@@ -1,0 +1,102 @@
+"""The ``codemix`` command: train, params, build-corpus, train-vocab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import gin
+
+from codemix_jax import gin_config, sharding
+from codemix_jax.data import build_local_corpus, train_vocab
+from codemix_jax.model import ModelConfig, count_parameters
+from codemix_jax.train import train
+
+log = logging.getLogger("codemix")
+
+
+def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gin_file", action="append", required=True, help="gin file; repeat to compose"
+    )
+    parser.add_argument(
+        "--gin_bindings",
+        action="append",
+        default=[],
+        help="extra binding such as 'train.num_steps = 10'; repeatable, applied last",
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    gin_config.parse(args.gin_file, args.gin_bindings)
+    metrics = train(run_dir=args.run_dir)
+    log.info("done: %s", json.dumps(metrics))
+
+
+def _params(args: argparse.Namespace) -> None:
+    gin_config.parse(args.gin_file, args.gin_bindings)
+    counts = count_parameters(ModelConfig())
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for name, count in counts.items():
+            print(f"{name:>14}: {count:,} ({count / 1e6:.1f}M)")
+
+
+def _build_corpus(args: argparse.Namespace) -> None:
+    build_local_corpus(out_dir=args.out_dir, max_bytes_per_source=args.max_bytes_per_source)
+
+
+def _train_vocab(args: argparse.Namespace) -> None:
+    train_vocab(corpus_dir=args.corpus_dir, out_path=args.out_path, vocab_size=args.vocab_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codemix", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_cmd = commands.add_parser("train", help="train a model from gin files")
+    _add_gin_flags(train_cmd)
+    train_cmd.add_argument("--run_dir", required=True, help="metrics, TensorBoard, config.gin")
+    train_cmd.set_defaults(run=_train)
+
+    params_cmd = commands.add_parser("params", help="count a gin model's parameters abstractly")
+    _add_gin_flags(params_cmd)
+    params_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    params_cmd.set_defaults(run=_params)
+
+    corpus_cmd = commands.add_parser(
+        "build-corpus", help="build the local code/text/markup corpus from this Python install"
+    )
+    corpus_cmd.add_argument("--out_dir", default="data/local/corpus")
+    corpus_cmd.add_argument(
+        "--max_bytes_per_source", type=int, default=None, help="cap per source (default: all)"
+    )
+    corpus_cmd.set_defaults(run=_build_corpus)
+
+    vocab_cmd = commands.add_parser("train-vocab", help="train the SentencePiece vocabulary")
+    vocab_cmd.add_argument("--corpus_dir", default="data/local/corpus")
+    vocab_cmd.add_argument("--out_path", default="data/local/spm.model")
+    vocab_cmd.add_argument("--vocab_size", type=int, default=2048)
+    vocab_cmd.set_defaults(run=_train_vocab)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (gin_config.GinConfigError, sharding.ShardingError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        gin.clear_config()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

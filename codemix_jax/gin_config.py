@@ -1,0 +1,50 @@
+"""Parsing gin files and bindings with errors that name the bad file or binding."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import gin
+import jax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding that does not parse or names an unknown configurable/parameter."""
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+    """Parse ``gin_files`` then ``bindings`` (later ones win).
+
+    ``include`` paths resolve against the working directory and the repository root, so
+    ``include 'gin/models/tiny.gin'`` works from anywhere.
+    """
+    for path in gin_files:
+        if not os.path.isfile(path) and not os.path.isfile(os.path.join(REPO_ROOT, path)):
+            raise GinConfigError(f"gin file not found: {path!r}")
+    for search_path in (os.getcwd(), REPO_ROOT):
+        gin.add_config_file_search_path(search_path)
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings(
+            [_resolve(path) for path in gin_files], bindings, finalize_config=False
+        )
+    except (ValueError, KeyError, SyntaxError, OSError) as error:
+        raise GinConfigError(
+            f"invalid gin config (files {list(gin_files)}, bindings {list(bindings)}): {error}"
+        ) from error
+
+
+def _resolve(path: str) -> str:
+    return path if os.path.isfile(path) else os.path.join(REPO_ROOT, path)
+
+
+def write_operative_config(run_dir: str) -> None:
+    """Record the parameters actually used, next to the run's outputs (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())

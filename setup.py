@@ -1,0 +1,31 @@
+"""codemix_jax: JAX pre-training for code/text data-mixture studies."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="codemix_jax",
+    version="0.1.0",
+    description="pjit-sharded decoder-only LM training on seqio code/text mixtures, configured by gin.",
+    packages=find_packages(include=["codemix_jax", "codemix_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "seqio>=0.0.20,<0.1",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<5",
+        "importlib_resources>=6",
+        "gin-config>=0.5,<0.6",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=2.0,<3",
+        "clu>=0.0.12",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["codemix=codemix_jax.cli:main"]},
+)
