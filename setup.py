@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="codemix_jax",
     version="0.1.0",
-    description="pjit-sharded decoder-only LM training on seqio code/text mixtures, configured by gin.",
+    description="Sharded decoder-only LM training on seqio code/text mixtures, configured by gin.",
     packages=find_packages(include=["codemix_jax", "codemix_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
@@ -23,6 +23,7 @@ setup(
         "numpy>=2.0,<3",
         "clu>=0.0.12",
         "tqdm>=4.66",
+        "tensorboard>=2.21,<2.22",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 
@@ -9,6 +10,16 @@ import gin
 import jax
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Modules whose gin configurables experiment files may bind; imported before parsing.
+CONFIGURABLE_MODULES = (
+    "codemix_jax.data",
+    "codemix_jax.metrics",
+    "codemix_jax.model",
+    "codemix_jax.optim",
+    "codemix_jax.sharding",
+    "codemix_jax.train",
+)
 
 
 class GinConfigError(ValueError):
@@ -24,6 +35,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     for path in gin_files:
         if not os.path.isfile(path) and not os.path.isfile(os.path.join(REPO_ROOT, path)):
             raise GinConfigError(f"gin file not found: {path!r}")
+    for module in CONFIGURABLE_MODULES:
+        importlib.import_module(module)
     for search_path in (os.getcwd(), REPO_ROOT):
         gin.add_config_file_search_path(search_path)
     gin.clear_config()

@@ -138,7 +138,12 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules, *, what: str):
     """NamedShardings for ``nn.Partitioned``-boxed abstract values, after a divisibility check."""
     logical_specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-    check_divisible(nn.unbox(abstract_tree), mesh_specs, mesh, what=what)
+    shapes = jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+        abstract_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    check_divisible(shapes, mesh_specs, mesh, what=what)
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec),
         mesh_specs,

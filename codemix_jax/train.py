@@ -53,7 +53,6 @@ def train(
     sharding.check_batch_divisible(dataset.global_batch_size, mesh)
     model = Transformer(model_config)
     tx = optimizer(learning_rate)
-    writer = MetricsWriter(run_dir)
     throughput = Throughput(
         tokens_per_step=dataset.global_batch_size * dataset.seq_len,
         flops_per_token=training_flops_per_token(model_config, dataset.seq_len),
@@ -74,6 +73,7 @@ def train(
             mesh=mesh,
         )
         gin_config.write_operative_config(run_dir)
+        writer = MetricsWriter(run_dir)
         log.info("training %d steps on mesh %s", num_steps, dict(mesh.shape))
         start_time = time.perf_counter()
         totals = None

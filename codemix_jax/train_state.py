@@ -100,7 +100,7 @@ def make_train_step(
             "tokens": mask.sum(),
             "source_loss_sum": source.T @ losses.sum(axis=1),
             "source_tokens": source.T @ mask.sum(axis=1),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "steps": jnp.ones((), jnp.float32),
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,148 @@
+"""Building blocks shared by attention and the transformer: dense, norm, MLP, embeddings, RoPE.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) so that one rules
+table elsewhere decides how it is sharded; the model itself never mentions a mesh axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from codemix_jax.model.config import ModelConfig
+
+BATCH_LENGTH = ("activation_batch", "activation_length")
+
+
+def normal_init(config: ModelConfig, axes: tuple[str, ...]) -> nn.initializers.Initializer:
+    """The initializer of every weight matrix and embedding, boxed with its logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_std), axes)
+
+
+def constrain(x: jax.Array, *names: str) -> jax.Array:
+    """Pin an activation's layout by logical names; a no-op unless axis rules are active."""
+    return nn.with_logical_constraint(x, names)
+
+
+class Dense(nn.Module):
+    """``x @ kernel`` over the last ``contract`` input dims, with logically named kernel and bias.
+
+    Written out rather than ``nn.DenseGeneral``, which initialises a flattened 2-D kernel: its axis
+    names would then not match the kernel's rank once a mesh is active.
+    """
+
+    config: ModelConfig
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]  # input axes then output axes; the bias takes the output ones
+    contract: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            normal_init(cfg, self.kernel_axes),
+            (*x.shape[-self.contract :], *self.features),
+            cfg.weight_dtype,
+        )
+        dtype = cfg.compute_dtype
+        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.contract)
+        if not cfg.use_bias:
+            return y
+        bias_axes = self.kernel_axes[-len(self.features) :]
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros, bias_axes)
+        return y + self.param("bias", bias_init, self.features, cfg.weight_dtype).astype(dtype)
+
+
+def norm(config: ModelConfig, *, name: str) -> nn.Module:
+    """RMSNorm or LayerNorm over the embedding axis; params are named ``scale`` and ``bias``."""
+    common = {
+        "epsilon": 1e-6,
+        "dtype": config.compute_dtype,
+        "param_dtype": config.weight_dtype,
+        "scale_init": nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        "name": name,
+    }
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(**common)
+    return nn.LayerNorm(
+        use_bias=config.use_bias,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        **common,
+    )
+
+
+class Mlp(nn.Module):
+    """Feed-forward layer: SwiGLU (gated, three matrices) or GELU (two matrices)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        up = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), name="wi")(x)
+        if cfg.mlp == "swiglu":
+            gate = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), name="wi_gate")(x)
+            hidden = nn.silu(gate) * up
+        else:
+            hidden = nn.gelu(up)
+        hidden = constrain(hidden, *BATCH_LENGTH, "activation_mlp")
+        return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), name="wo")(hidden)
+
+
+class Embed(nn.Module):
+    """A lookup table ``[num_embeddings, d_model]``; ``attend`` reuses it as a tied output head."""
+
+    config: ModelConfig
+    num_embeddings: int
+    axis_name: str  # logical name of the table's rows: "vocab" or "position"
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            normal_init(self.config, (self.axis_name, "embed")),
+            (self.num_embeddings, self.config.d_model),
+            self.config.weight_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.config.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Float32 scores of ``x`` against every row (a tied output head)."""
+        table = self.embedding.astype(x.dtype)
+        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+
+
+class OutputHead(nn.Module):
+    """Untied projection to float32 vocabulary scores (the tied case uses ``Embed.attend``)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            normal_init(cfg, ("embed", "vocab")),
+            (cfg.d_model, cfg.vocab_size),
+            cfg.weight_dtype,
+        )
+        return jnp.einsum(
+            "...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+    """Rotary embedding (rotate-half layout) of ``x [b, l, heads, d]`` at ``positions [b, l]``.
+
+    Angles are computed in float32: bf16 cannot even represent positions above 256 exactly.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None, None].astype(jnp.float32) * inv_freq  # [b, l, 1, half]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)

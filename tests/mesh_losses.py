@@ -1,0 +1,77 @@
+"""Subprocess helper for test_sharding: train a tiny model 2 steps under each mesh, print losses.
+
+Run as ``python tests/mesh_losses.py '<json list of make_mesh kwargs>'``; it needs its own process
+because the 8 fake CPU devices must be configured before JAX starts.
+"""
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from codemix_jax import optim, sharding  # noqa: E402
+from codemix_jax.model import ModelConfig, Transformer  # noqa: E402
+from codemix_jax.train_state import global_batch, init_train_state, make_train_step  # noqa: E402
+
+CONFIG = ModelConfig(
+    vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=128, max_seq_len=32
+)
+
+
+def packed_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """8 rows of 32 tokens, each row holding two documents split at a random point."""
+    targets = rng.integers(3, CONFIG.vocab_size, size=(8, 32), dtype=np.int32)
+    split = rng.integers(4, 28, size=(8, 1))
+    index = np.arange(32)[None, :]
+    segment_ids = np.where(index < split, 1, 2).astype(np.int32)
+    positions = np.where(index < split, index, index - split).astype(np.int32)
+    inputs = np.where(positions == 0, 0, np.roll(targets, 1, axis=1)).astype(np.int32)
+    source_id = (np.arange(8) % 2).astype(np.int32)
+    return dict(
+        inputs=inputs,
+        targets=targets,
+        segment_ids=segment_ids,
+        positions=positions,
+        source_id=source_id,
+    )
+
+
+def losses_on(mesh_kwargs: dict) -> list[float]:
+    devices = jax.devices()[: mesh_kwargs.pop("num_devices", 8)]
+    mesh = sharding.make_mesh(devices=devices, **mesh_kwargs)
+    rules = sharding.logical_axis_rules()
+    tx = optim.adamw(optax.constant_schedule(1e-3))
+    model = Transformer(CONFIG)
+    batch = packed_batch(np.random.default_rng(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, shardings = init_train_state(
+            model=model, tx=tx, mesh=mesh, rules=rules, seed=0, seq_len=32
+        )
+        step = make_train_step(
+            model=model, tx=tx, num_sources=2, state_shardings=shardings, mesh=mesh
+        )
+        losses = []
+        for _ in range(3):  # The same batch thrice: the loss must fall as the model fits it.
+            state, metrics = step(state, global_batch(batch, mesh))
+            losses.append(float(metrics["loss_sum"] / metrics["tokens"]))
+    return losses
+
+
+def main() -> None:
+    results = []
+    for mesh_kwargs in json.loads(sys.argv[1]):
+        try:
+            results.append({"losses": losses_on(dict(mesh_kwargs))})
+        except sharding.ShardingError as error:
+            results.append({"error": str(error)})
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

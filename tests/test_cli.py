@@ -1,0 +1,83 @@
+"""End to end through the `codemix` CLI: smoke training works, bad input fails clearly."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from codemix_jax import cli
+
+SMOKE = "gin/experiments/smoke.gin"
+
+
+def data_bindings(local_data) -> list[str]:
+    return [
+        f"MixtureInput.corpus_dir = '{local_data.corpus_dir}'",
+        f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
+    ]
+
+
+def run_cli(args: list[str], bindings: list[str]) -> int:
+    flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
+    return cli.main([*args, *flags])
+
+
+def test_smoke_training_lowers_loss_and_writes_outputs(local_data, tmp_path):
+    run_dir = tmp_path / "run"
+    bindings = [
+        *data_bindings(local_data),
+        "NUM_STEPS = 40",
+        "WARMUP_STEPS = 5",
+        "train.log_every = 10",
+        "MixtureInput.global_batch_size = 8",
+    ]
+    assert run_cli(["train", "--gin_file", SMOKE, "--run_dir", str(run_dir)], bindings) == 0
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    for key in ("loss", "learning_rate", "tokens_per_second", "mfu", "grad_norm"):
+        assert all(key in r for r in records), key
+    for source in ("code", "text", "markup"):
+        assert any(f"loss/{source}" in r for r in records), source
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert records[-1]["tokens_per_second"] > 0
+
+    events = os.listdir(run_dir / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    config = (run_dir / "config.gin").read_text()
+    assert "NUM_STEPS = 40" in config
+    assert "ModelConfig.d_model" in config
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ("train.num_stepz = 3", "num_stepz"),
+        ("ModelConfg.d_model = 3", "ModelConfg"),
+        ("make_mesh.data = 3", "product 3"),
+        ("MixtureInput.corpus_dir = '/no/such/corpus'", "/no/such/corpus"),
+    ],
+)
+def test_bad_input_fails_early_and_names_the_value(local_data, tmp_path, caplog, binding, message):
+    run_dir = tmp_path / "run"
+    bindings = [*data_bindings(local_data), binding]
+    with caplog.at_level(logging.ERROR):
+        code = run_cli(["train", "--gin_file", SMOKE, "--run_dir", str(run_dir)], bindings)
+    assert code == 2
+    assert message in caplog.text
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_missing_gin_file_is_named(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        code = cli.main(["train", "--gin_file", "gin/nope.gin", "--run_dir", str(tmp_path)])
+    assert code == 2
+    assert "gin/nope.gin" in caplog.text
+
+
+def test_params_json_for_the_grid(capsys):
+    assert cli.main(["params", "--gin_file", "gin/models/470m.gin", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["total"] == pytest.approx(470e6, rel=0.05)
+    assert counts["total"] == counts["embedding"] + counts["non_embedding"]
