@@ -3,10 +3,12 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
-from codemix_jax import cli
+from codemix_jax import cli, gin_config
 
 SMOKE = "gin/experiments/smoke.gin"
 
@@ -81,3 +83,23 @@ def test_params_json_for_the_grid(capsys):
     counts = json.loads(capsys.readouterr().out)
     assert counts["total"] == pytest.approx(470e6, rel=0.05)
     assert counts["total"] == counts["embedding"] + counts["non_embedding"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "codemix_jax"],
+        [os.path.join(os.path.dirname(sys.executable), "codemix")],
+    ],
+    ids=["python-m", "console-script"],
+)
+def test_installed_entry_points_run(command):
+    result = subprocess.run(
+        [*command, "params", "--gin_file", "gin/models/tiny.gin", "--json"],
+        cwd=gin_config.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1])["total"] == 262_464
