@@ -24,6 +24,8 @@ setup(
         "clu>=0.0.12",
         "tqdm>=4.66",
         "tensorboard>=2.21,<2.22",
+        "zstandard>=0.25,<0.26",
+        "pyarrow>=16",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

@@ -1,4 +1,4 @@
-"""The ``codemix`` command: train, params, build-corpus, train-vocab."""
+"""The ``codemix`` command: train, params, build-corpus, train-vocab, ingest, mixture-report."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 import gin
 
-from codemix_jax import gin_config, sharding
-from codemix_jax.data import build_local_corpus, train_vocab
+from codemix_jax import gin_config
+from codemix_jax.data import MixtureInput, build_local_corpus, train_vocab
+from codemix_jax.data.ingest import ingest
+from codemix_jax.data.report import mixture_report, report_json, report_table
 from codemix_jax.model import ModelConfig, count_parameters
 from codemix_jax.train import train
 
@@ -54,6 +56,26 @@ def _train_vocab(args: argparse.Namespace) -> None:
     train_vocab(corpus_dir=args.corpus_dir, out_path=args.out_path, vocab_size=args.vocab_size)
 
 
+def _ingest(args: argparse.Namespace) -> None:
+    ingest(
+        inputs=args.input,
+        out_dir=args.out_dir,
+        text_field=args.text_field,
+        meta_fields=tuple(field for field in args.meta_fields.split(",") if field),
+        vocab_path=args.vocab_path,
+        validation_fraction=args.validation_fraction,
+        docs_per_shard=args.docs_per_shard,
+        workers=args.workers,
+        max_doc_chars=args.max_doc_chars,
+    )
+
+
+def _mixture_report(args: argparse.Namespace) -> None:
+    gin_config.parse(args.gin_file, args.gin_bindings)
+    report = mixture_report(MixtureInput(), num_batches=args.batches, start_step=args.start_step)
+    print(json.dumps(report_json(report)) if args.json else report_table(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codemix", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,15 +104,58 @@ def build_parser() -> argparse.ArgumentParser:
     vocab_cmd.add_argument("--out_path", default="data/local/spm.model")
     vocab_cmd.add_argument("--vocab_size", type=int, default=2048)
     vocab_cmd.set_defaults(run=_train_vocab)
+
+    ingest_cmd = commands.add_parser(
+        "ingest", help="raw JSONL / JSONL.zst / Parquet dumps -> TFRecord shards (resumable)"
+    )
+    ingest_cmd.add_argument(
+        "--input", action="append", required=True, help="file glob, local or gs://; repeatable"
+    )
+    ingest_cmd.add_argument("--out_dir", required=True, help="shards, manifest, .done markers")
+    ingest_cmd.add_argument("--text_field", default="text", help="the field holding the document")
+    ingest_cmd.add_argument(
+        "--meta_fields", default="", help="comma-separated fields copied as bytes features"
+    )
+    ingest_cmd.add_argument(
+        "--vocab_path", default=None, help="SentencePiece model: also store 'targets' ids (no EOS)"
+    )
+    ingest_cmd.add_argument("--validation_fraction", type=float, default=0.001)
+    ingest_cmd.add_argument("--docs_per_shard", type=int, default=10_000)
+    ingest_cmd.add_argument(
+        "--workers", type=int, default=None, help="processes (default: min(CPUs, input files))"
+    )
+    ingest_cmd.add_argument(
+        "--max_doc_chars",
+        type=int,
+        default=1_000_000,
+        help="skip (and count) longer documents; not truncated, since a cut-off file or page "
+        "teaches a broken document; 0 = no limit",
+    )
+    ingest_cmd.set_defaults(run=_ingest)
+
+    report_cmd = commands.add_parser(
+        "mixture-report", help="token shares a gin mixture delivers vs. the configured ones"
+    )
+    _add_gin_flags(report_cmd)
+    report_cmd.add_argument("--batches", type=int, required=True, help="host batches to count")
+    report_cmd.add_argument(
+        "--start_step", type=int, default=0, help="first batch counted (earlier ones are read)"
+    )
+    report_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    report_cmd.set_defaults(run=_mixture_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Importing orbax/absl may already have configured the root logger, at WARNING.
+    logging.getLogger().setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (gin_config.GinConfigError, sharding.ShardingError, FileNotFoundError) as error:
+    except (FileNotFoundError, ValueError) as error:
+        # Bad input (gin, mesh, data, checkpoint, ingest errors all derive from these): the
+        # message names the bad value; the traceback is only noise for the user.
         log.error("%s", error)
         return 2
     finally:

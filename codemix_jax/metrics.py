@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import tensorflow as tf
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per chip, by jax ``device_kind`` prefix (vendor data sheets).
 PEAK_FLOPS_BY_DEVICE_KIND = {
@@ -105,10 +109,78 @@ class Throughput:
         }
 
 
-def progress_line(step: int, total: int, scalars: Mapping[str, float], start_time: float) -> str:
-    """One human-readable status line: step, loss, speed, and ETA from the average step time."""
+def summarize(totals: Mapping[str, jax.Array], source_names: Sequence[str]) -> dict[str, float]:
+    """Turn metric sums accumulated over an interval into means (and realized token shares)."""
+    totals = jax.device_get(totals)
+    scalars = {
+        "loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0)),
+        "grad_norm": float(totals["grad_norm"] / totals["steps"]),
+    }
+    source_total = max(float(totals["source_tokens"].sum()), 1.0)
+    for i, name in enumerate(source_names):
+        tokens = float(totals["source_tokens"][i])
+        if tokens:
+            scalars[f"loss/{name}"] = float(totals["source_loss_sum"][i] / tokens)
+        scalars[f"token_share/{name}"] = tokens / source_total
+    return scalars
+
+
+class IntervalLogger:
+    """Sums step metrics on device and, every ``log_every`` steps, writes their means.
+
+    Summing on device keeps the host from waiting on every step; only logged steps sync.
+    """
+
+    def __init__(
+        self,
+        *,
+        writer: MetricsWriter,
+        throughput: Throughput,
+        source_names: Sequence[str],
+        learning_rate: Callable[[int], float],
+        phase_at: Callable[[int], int],
+        first_step: int,
+        num_steps: int,
+        log_every: int,
+    ):
+        self._writer, self._throughput = writer, throughput
+        self._source_names, self._learning_rate, self._phase_at = (
+            source_names,
+            learning_rate,
+            phase_at,
+        )
+        self._first_step, self._num_steps, self._log_every = first_step, num_steps, log_every
+        self._totals = None
+        self._start_time = time.perf_counter()
+
+    def add(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float] | None:
+        """Accumulate ``step``'s metrics; returns the logged scalars on a log step."""
+        if self._totals is None:
+            self._totals = metrics
+        else:
+            self._totals = jax.tree.map(jnp.add, self._totals, metrics)
+        if step == self._first_step:  # Keep compilation out of the throughput figures.
+            jax.block_until_ready(self._totals)
+            self._throughput.reset(step)
+        if step % self._log_every and step != self._num_steps:
+            return None
+        scalars = summarize(self._totals, self._source_names)
+        scalars["learning_rate"] = float(self._learning_rate(step - 1))
+        scalars["mixture_phase"] = self._phase_at(step - 1)
+        scalars.update(self._throughput.measure(step))
+        self._writer.write(step, scalars)
+        done = (step - self._first_step + 1) / (self._num_steps - self._first_step + 1)
+        log.info(progress_line(step, self._num_steps, done, scalars, self._start_time))
+        self._totals = None
+        return scalars
+
+
+def progress_line(
+    step: int, total: int, done: float, scalars: Mapping[str, float], start_time: float
+) -> str:
+    """One human-readable status line: step, loss, speed, and ETA from the fraction ``done``."""
     elapsed = time.perf_counter() - start_time
-    eta = datetime.timedelta(seconds=round(elapsed / max(step, 1) * (total - step)))
+    eta = datetime.timedelta(seconds=round(elapsed / done * (1 - done)))
     return (
         f"step {step}/{total} ({100 * step / total:.0f}%) loss {scalars['loss']:.4f} "
         f"lr {scalars['learning_rate']:.2e} {scalars['tokens_per_second']:,.0f} tok/s "

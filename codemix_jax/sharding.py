@@ -134,16 +134,21 @@ def check_divisible(tree_shapes, tree_specs, mesh: Mesh, *, what: str) -> None:
                 )
 
 
+def unbox_abstract(tree):
+    """Strip ``nn.Partitioned`` boxes without the sharding constraint ``nn.unbox`` would apply
+    (which fails on shape-only values inside a mesh context)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
 def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules, *, what: str):
     """NamedShardings for ``nn.Partitioned``-boxed abstract values, after a divisibility check."""
     logical_specs = nn.get_partition_spec(abstract_tree)
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-    shapes = jax.tree.map(
-        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-        abstract_tree,
-        is_leaf=lambda x: isinstance(x, nn.Partitioned),
-    )
-    check_divisible(shapes, mesh_specs, mesh, what=what)
+    check_divisible(unbox_abstract(abstract_tree), mesh_specs, mesh, what=what)
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, spec),
         mesh_specs,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
+import os
 from collections.abc import Callable
 
 import gin
@@ -13,10 +14,11 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from codemix_jax import gin_config, sharding
+from codemix_jax.checkpoint import Checkpoints
 from codemix_jax.data import MixtureInput
-from codemix_jax.metrics import MetricsWriter, Throughput, progress_line
+from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
 from codemix_jax.model import ModelConfig, Transformer, training_flops_per_token
-from codemix_jax.train_state import global_batch, init_train_state, make_train_step, summarize
+from codemix_jax.train_state import global_batch, init_train_state, make_train_step, state_layout
 
 log = logging.getLogger(__name__)
 
@@ -33,63 +35,87 @@ def train(
     optimizer: Callable[[optax.Schedule], optax.GradientTransformation],
     num_steps: int,
     log_every: int = 10,
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int = 3,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Train ``model_config`` on ``dataset`` for ``num_steps`` on ``mesh``; return last metrics.
+    """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
     Args:
-      run_dir: where metrics.jsonl, TensorBoard events and config.gin are written.
+      run_dir: metrics.jsonl, TensorBoard events, config.gin and checkpoints/ go here.
       model_config: the transformer's dimensions and variants.
       dataset: the token-share mixture input; its global batch is split over processes.
       mesh: the device mesh; ``rules`` maps logical axis names onto it.
       learning_rate: step -> LR; also logged.
       optimizer: builds the optax transformation from the schedule.
+      checkpoint_every: save params, optimizer and input position every this many steps (and at
+        the end); the newest ``keep_checkpoints`` are kept.
+    Returns:
+      The scalars of the last logged step (empty if there was nothing left to train).
     """
+    _check_compatible(model_config, dataset, mesh)
+    model = Transformer(model_config)
+    tx = optimizer(learning_rate)
+    batches = dataset.host_batches(
+        process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    checkpoints = Checkpoints(
+        os.path.join(run_dir, "checkpoints"), save_every=checkpoint_every, keep=keep_checkpoints
+    )
+    meta = {"model_config": dataclasses.asdict(model_config)}
+    scalars: dict[str, float] = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract_state, shardings = state_layout(
+            model=model, tx=tx, mesh=mesh, rules=rules, seq_len=dataset.seq_len
+        )
+        start_step = checkpoints.latest_step() or 0
+        if start_step:
+            log.info("resuming from the checkpoint at step %d", start_step)
+            state = checkpoints.restore(
+                start_step, abstract_state=abstract_state, batches=batches, meta=meta
+            )
+        else:
+            state = init_train_state(
+                model=model, tx=tx, shardings=shardings, seed=seed, seq_len=dataset.seq_len
+            )
+        train_step = make_train_step(
+            model=model,
+            tx=tx,
+            num_sources=len(dataset.source_names),
+            state_shardings=shardings,
+            mesh=mesh,
+        )
+        gin_config.write_operative_config(run_dir)
+        writer = MetricsWriter(run_dir)
+        logger = IntervalLogger(
+            writer=writer,
+            throughput=Throughput(
+                tokens_per_step=dataset.global_batch_size * dataset.seq_len,
+                flops_per_token=training_flops_per_token(model_config, dataset.seq_len),
+                num_devices=mesh.size,
+            ),
+            source_names=dataset.source_names,
+            learning_rate=learning_rate,
+            phase_at=dataset.phase_at,
+            first_step=start_step + 1,
+            num_steps=num_steps,
+            log_every=log_every,
+        )
+        log.info("training steps %d..%d on mesh %s", start_step + 1, num_steps, dict(mesh.shape))
+        for step in range(start_step + 1, num_steps + 1):
+            state, metrics = train_step(state, global_batch(next(batches), mesh))
+            scalars = logger.add(step, metrics) or scalars
+            checkpoints.save(step, state=state, batches=batches, meta=meta, force=step == num_steps)
+    checkpoints.close()
+    writer.close()
+    return scalars
+
+
+def _check_compatible(model_config: ModelConfig, dataset: MixtureInput, mesh: Mesh) -> None:
+    """Fail before any data is read or anything compiled."""
     if dataset.seq_len > model_config.max_seq_len:
         raise ValueError(
             f"dataset seq_len {dataset.seq_len} exceeds "
             f"model max_seq_len {model_config.max_seq_len}"
         )
     sharding.check_batch_divisible(dataset.global_batch_size, mesh)
-    model = Transformer(model_config)
-    tx = optimizer(learning_rate)
-    throughput = Throughput(
-        tokens_per_step=dataset.global_batch_size * dataset.seq_len,
-        flops_per_token=training_flops_per_token(model_config, dataset.seq_len),
-        num_devices=mesh.size,
-    )
-    batches = dataset.host_batches(
-        process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, state_shardings = init_train_state(
-            model=model, tx=tx, mesh=mesh, rules=rules, seed=seed, seq_len=dataset.seq_len
-        )
-        train_step = make_train_step(
-            model=model,
-            tx=tx,
-            num_sources=len(dataset.source_names),
-            state_shardings=state_shardings,
-            mesh=mesh,
-        )
-        gin_config.write_operative_config(run_dir)
-        writer = MetricsWriter(run_dir)
-        log.info("training %d steps on mesh %s", num_steps, dict(mesh.shape))
-        start_time = time.perf_counter()
-        totals = None
-        scalars: dict[str, float] = {}
-        for step in range(1, num_steps + 1):
-            state, metrics = train_step(state, global_batch(next(batches), mesh))
-            totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
-            if step == 1:  # Exclude compilation from throughput.
-                jax.block_until_ready(totals)
-                throughput.reset(step)
-            if step % log_every == 0 or step == num_steps:
-                scalars = summarize(totals, dataset.source_names)
-                scalars["learning_rate"] = float(learning_rate(step - 1))
-                scalars.update(throughput.measure(step))
-                writer.write(step, scalars)
-                log.info(progress_line(step, num_steps, scalars, start_time))
-                totals = None
-    writer.close()
-    return scalars

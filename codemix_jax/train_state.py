@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -37,25 +36,40 @@ def _boxed_state(model: Transformer, tx: optax.GradientTransformation, rng, seq_
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def init_train_state(
+def state_layout(
     *,
     model: Transformer,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: sharding.Rules,
-    seed: int,
     seq_len: int,
 ) -> tuple[TrainState, TrainState]:
-    """Initialise params and optimizer state directly into their shards; returns (state, shardings).
+    """The abstract state (shapes carrying their shardings) and the shardings; allocates nothing.
 
-    Shapes and shardings are derived abstractly first, so a layout error surfaces before any
-    allocation or compilation of the real model.
+    A layout error (a dimension that does not divide its mesh axes) surfaces here, before any
+    compilation of the real model. The abstract state is also the target a checkpoint restores into.
     """
-    rng = jax.random.key(seed)
-    abstract = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), rng)
-    shardings = sharding.logical_to_shardings(abstract, mesh, rules, what="parameter")
+    boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), jax.random.key(0))
+    shardings = sharding.logical_to_shardings(boxed, mesh, rules, what="parameter")
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        sharding.unbox_abstract(boxed),
+        shardings,
+    )
+    return abstract, shardings
+
+
+def init_train_state(
+    *,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    seed: int,
+    seq_len: int,
+) -> TrainState:
+    """Fresh params and optimizer state, initialised directly into their shards."""
     init = jax.jit(lambda r: nn.unbox(_boxed_state(model, tx, r, seq_len)), out_shardings=shardings)
-    return init(rng), shardings
+    return init(jax.random.key(seed))
 
 
 def _token_losses(model: Transformer, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -122,19 +136,3 @@ def global_batch(host_batch: dict, mesh: Mesh) -> Batch:
         )
         for name, value in host_batch.items()
     }
-
-
-def summarize(totals: dict[str, jax.Array], source_names: Sequence[str]) -> dict[str, float]:
-    """Turn accumulated metric sums into per-interval means for logging."""
-    totals = jax.device_get(totals)
-    scalars = {
-        "loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0)),
-        "grad_norm": float(totals["grad_norm"] / totals["steps"]),
-    }
-    source_total = max(float(totals["source_tokens"].sum()), 1.0)
-    for i, name in enumerate(source_names):
-        tokens = float(totals["source_tokens"][i])
-        if tokens:
-            scalars[f"loss/{name}"] = float(totals["source_loss_sum"][i] / tokens)
-        scalars[f"token_share/{name}"] = tokens / source_total
-    return scalars

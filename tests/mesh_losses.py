@@ -17,7 +17,12 @@ from flax import linen as nn  # noqa: E402
 
 from codemix_jax import optim, sharding  # noqa: E402
 from codemix_jax.model import ModelConfig, Transformer  # noqa: E402
-from codemix_jax.train_state import global_batch, init_train_state, make_train_step  # noqa: E402
+from codemix_jax.train_state import (  # noqa: E402
+    global_batch,
+    init_train_state,
+    make_train_step,
+    state_layout,
+)
 
 CONFIG = ModelConfig(
     vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=128, max_seq_len=32
@@ -50,9 +55,8 @@ def losses_on(mesh_kwargs: dict) -> list[float]:
     model = Transformer(CONFIG)
     batch = packed_batch(np.random.default_rng(0))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, shardings = init_train_state(
-            model=model, tx=tx, mesh=mesh, rules=rules, seed=0, seq_len=32
-        )
+        _, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules, seq_len=32)
+        state = init_train_state(model=model, tx=tx, shardings=shardings, seed=0, seq_len=32)
         step = make_train_step(
             model=model, tx=tx, num_sources=2, state_shardings=shardings, mesh=mesh
         )

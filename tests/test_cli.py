@@ -15,7 +15,7 @@ SMOKE = "gin/experiments/smoke.gin"
 
 def data_bindings(local_data) -> list[str]:
     return [
-        f"MixtureInput.corpus_dir = '{local_data.corpus_dir}'",
+        f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
         f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
     ]
 
@@ -58,7 +58,7 @@ def test_smoke_training_lowers_loss_and_writes_outputs(local_data, tmp_path):
         ("train.num_stepz = 3", "num_stepz"),
         ("ModelConfg.d_model = 3", "ModelConfg"),
         ("make_mesh.data = 3", "product 3"),
-        ("MixtureInput.corpus_dir = '/no/such/corpus'", "/no/such/corpus"),
+        ("local_sources.corpus_dir = '/no/such/corpus'", "/no/such/corpus"),
     ],
 )
 def test_bad_input_fails_early_and_names_the_value(local_data, tmp_path, caplog, binding, message):

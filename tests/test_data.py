@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from codemix_jax.data import SOURCES, MixtureInput, load_vocab, pack_rows
 from codemix_jax.data.corpus import code_documents, read_documents, write_corpus
-from codemix_jax.data.tasks import source_task
+from codemix_jax.data.sources import local_sources
 
 EOS = 1
 DEMO_SHARES = {"code": 0.5, "text": 0.4, "markup": 0.1}
@@ -24,7 +24,7 @@ def no_gin_bindings():
 
 def mixture(local_data, **overrides) -> MixtureInput:
     kwargs = {
-        "corpus_dir": local_data.corpus_dir,
+        "sources": local_sources(corpus_dir=local_data.corpus_dir),
         "vocab_path": local_data.vocab_path,
         "shares": DEMO_SHARES,
         "seq_len": 32,
@@ -54,20 +54,23 @@ def test_corpus_has_shards_per_source_and_split(local_data):
     assert manifest["sources"]["code"]["train"]["shards"] > 1
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_task_rows_decode_to_the_first_document(local_data, source):
-    task = source_task(
-        source=source, corpus_dir=local_data.corpus_dir, vocab_path=local_data.vocab_path
+@pytest.mark.parametrize("index", range(len(SOURCES)), ids=SOURCES)
+def test_task_rows_decode_to_the_first_document(local_data, index):
+    source = local_sources(corpus_dir=local_data.corpus_dir)[index]
+    rows = (
+        source.task(vocab_path=local_data.vocab_path)
+        .get_dataset(
+            sequence_length={"targets": 64}, split="validation", shuffle=False, num_epochs=1
+        )
+        .as_numpy_iterator()
     )
-    rows = task.get_dataset(
-        sequence_length={"targets": 64}, split="validation", shuffle=False, num_epochs=1
-    ).as_numpy_iterator()
     tokens = []
     while EOS not in tokens:
         row = next(rows)
-        assert row["targets"].shape == (64,) and row["source_id"] == SOURCES.index(source)
+        assert set(row) == {"targets", "inputs", "segment_ids", "positions"}
+        assert row["targets"].shape == (64,)
         tokens.extend(row["targets"].tolist())
-    first_doc = documents(local_data, source, "validation")[0]
+    first_doc = documents(local_data, source.name, "validation")[0]
     assert load_vocab(local_data.vocab_path).decode(tokens[: tokens.index(EOS)]) == first_doc
 
 
@@ -165,7 +168,8 @@ def test_batches_are_deterministic_per_seed(local_data):
 
 def test_missing_corpus_or_vocab_names_the_path_and_the_fix(local_data, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing/code/train.*codemix build-corpus"):
-        mixture(local_data, corpus_dir=str(tmp_path / "missing")).host_batches()
+        missing = local_sources(corpus_dir=str(tmp_path / "missing"))
+        mixture(local_data, sources=missing).host_batches()
     with pytest.raises(FileNotFoundError, match=r"nope\.model.*codemix train-vocab"):
         mixture(local_data, vocab_path=str(tmp_path / "nope.model")).host_batches()
 

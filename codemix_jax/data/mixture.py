@@ -1,82 +1,95 @@
-"""Mixing sources at TOKEN shares and serving each host its slice of every global batch.
+"""Mixing sources at exact TOKEN shares that may change at step boundaries; per-host batches.
 
-seqio Mixture rates sample examples; because every example here is a full row of ``seq_len``
-tokens, sampling rows at the configured shares gives exactly those token shares.
+seqio Mixture rates sample examples at random; the papers' proportions are shares of tokens and the
+studies compare runs whose shares differ by a few points. So every source is packed into full rows
+of ``seq_len`` tokens (rows are then token-equal), and each global batch gets a deterministic number
+of rows per source by cumulative rounding: over any run of batches within a phase, a source's row
+count is within one row of ``share * rows``. The rows' order inside a batch is a seeded shuffle.
+
+The whole pipeline is one tf.data graph whose iterator state (source read positions, shuffle
+buffers, the step counter that drives the mixing) can be saved and restored, so a resumed run sees
+exactly the batches an uninterrupted run would, without replaying the stream.
 """
 
 import dataclasses
-import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from codemix_jax.data.corpus import SOURCES
-from codemix_jax.data.tasks import require_shards, source_task
+from codemix_jax.data.sources import Source
 
-ROW_FEATURES = ("inputs", "segment_ids", "positions", "source_id")  # besides "targets"
-
-
-def token_share_mixture(
-    tasks: Mapping[str, seqio.Task], shares: Mapping[str, float]
-) -> seqio.Mixture:
-    """The Mixture sampling each source's Task at its share, registered once per configuration."""
-    rates = [(tasks[source].name, shares[source]) for source in sorted(tasks)]
-    name = f"codemix_mix_{hashlib.sha256(repr(rates).encode()).hexdigest()[:12]}"
-    if name in seqio.MixtureRegistry.names():
-        return seqio.MixtureRegistry.get(name)
-    return seqio.MixtureRegistry.add(name, rates)
+Shares = Mapping[str, float]
+Phase = tuple[int, Shares]  # (first step of the phase, source name -> token share)
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MixtureInput:
-    """Packed rows from the local corpus, mixed at token shares, batched per host.
+    """Packed rows of ``sources`` mixed at token shares, split over hosts.
 
     Attributes:
-      shares: source -> share of TOKENS; sources with share 0 are never read.
+      sources: every source a run may read; ``source_id`` in batches indexes this order.
+      shares: source name -> share of tokens, for the whole run (or use ``phases``).
+      phases: ``[(start_step, shares), ...]`` starting at step 0: the mixture changes at those
+        steps (e.g. paper B's four-phase dynamic mixing).
       num_threads: tf.data thread pool size (a few on a small host, more on a pod host).
     """
 
-    corpus_dir: str
+    sources: Sequence[Source]
     vocab_path: str
-    shares: Mapping[str, float]
     seq_len: int
     global_batch_size: int
+    shares: Shares | None = None
+    phases: Sequence[Phase] | None = None
     seed: int = 0
     split: str = "train"
     num_threads: int = 2
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.shares) - set(SOURCES))
-        if unknown:
-            raise ValueError(f"unknown source(s) {unknown} in shares; known sources: {SOURCES}")
-        negative = {s: v for s, v in self.shares.items() if v < 0}
-        if negative:
-            raise ValueError(f"shares must be >= 0, got {negative}")
-        if not math.isclose(sum(self.shares.values()), 1.0, rel_tol=0, abs_tol=1e-6):
-            raise ValueError(
-                f"shares must sum to 1, got {dict(self.shares)} (sum {sum(self.shares.values())})"
-            )
         for field in ("seq_len", "global_batch_size", "num_threads"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if (self.shares is None) == (self.phases is None):
+            raise ValueError("set exactly one of MixtureInput.shares and MixtureInput.phases")
+        starts = [start for start, _ in self.schedule]
+        if starts[0] != 0 or starts != sorted(set(starts)):
+            raise ValueError(f"phase start steps must begin at 0 and increase, got {starts}")
+        for _, shares in self.schedule:
+            check_shares(shares, names)
 
     @property
     def source_names(self) -> tuple[str, ...]:
-        """Fixed source order; batches' "source_id" indexes it."""
-        return SOURCES
+        return tuple(source.name for source in self.sources)
 
-    def host_batches(
-        self, *, process_index: int = 0, process_count: int = 1
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Infinite iterator over this host's rows of each global batch.
+    @property
+    def schedule(self) -> tuple[Phase, ...]:
+        """The phases, a single one from step 0 when ``shares`` is set."""
+        phases = ((0, self.shares),) if self.shares is not None else self.phases
+        return tuple((int(start), dict(shares)) for start, shares in phases)
+
+    def phase_at(self, step: int) -> int:
+        """Index of the phase that batch ``step`` (0-based) belongs to."""
+        starts = [start for start, _ in self.schedule]
+        return int(np.searchsorted(starts, step, side="right")) - 1
+
+    def share_matrix(self) -> np.ndarray:
+        """[phases, sources] token shares, sources in ``source_names`` order."""
+        return np.array(
+            [[shares.get(name, 0.0) for name in self.source_names] for _, shares in self.schedule]
+        )
+
+    def host_batches(self, *, process_index: int = 0, process_count: int = 1) -> "HostBatches":
+        """This host's rows of every global batch, from step 0, as a checkpointable iterator.
 
         Each host reads only its own shard of every source, so hosts' rows are disjoint. Missing
-        corpus or vocabulary fails here, before the first batch is requested.
+        files or vocabulary fail here, before the first batch is requested.
         """
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -85,27 +98,57 @@ class MixtureInput:
                 f"global_batch_size {self.global_batch_size} is not divisible by "
                 f"process_count {process_count}"
             )
-        dataset = self._mixture().get_dataset(
+        shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
+        return HostBatches(self._dataset(shard))
+
+    def _dataset(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
+        used = np.flatnonzero(self.share_matrix().max(axis=0) > 0)
+        rows = [self._source_rows(int(index), shard) for index in used]
+        # Choices index the used sources; map the global source ids onto that list.
+        position = np.full(len(self.sources), -1, np.int64)
+        position[used] = np.arange(len(used))
+        choices = self._row_sources(shard).map(lambda source: tf.gather(position, source))
+        host_rows = self.global_batch_size // shard.num_shards
+        dataset = tf.data.Dataset.choose_from_datasets(rows, choices, stop_on_empty_dataset=True)
+        dataset = dataset.batch(host_rows, drop_remainder=True)
+        return dataset.with_options(self._options()).prefetch(2)
+
+    def _source_rows(self, index: int, shard: seqio.ShardInfo) -> tf.data.Dataset:
+        source = self.sources[index]
+        source.require_files(self.split)
+        dataset = source.task(vocab_path=self.vocab_path).get_dataset(
             sequence_length={"targets": self.seq_len},
             split=self.split,
             shuffle=True,
             seed=self.seed,
-            shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count),
+            shard_info=shard,
             num_epochs=None,
-            passthrough_features=ROW_FEATURES,
         )
-        dataset = dataset.batch(self.global_batch_size // process_count, drop_remainder=True)
-        return dataset.with_options(self._options()).prefetch(2).as_numpy_iterator()
+        return dataset.map(lambda row: {**row, "source_id": tf.constant(index, tf.int32)})
 
-    def _mixture(self) -> seqio.Mixture:
-        sampled = [source for source in SOURCES if self.shares.get(source, 0) > 0]
-        tasks = {}
-        for source in sampled:
-            require_shards(corpus_dir=self.corpus_dir, source=source, split=self.split)
-            tasks[source] = source_task(
-                source=source, corpus_dir=self.corpus_dir, vocab_path=self.vocab_path
+    def _row_sources(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
+        """Global source id of each of this host's rows, step after step."""
+        shares = tf.constant(self.share_matrix(), tf.float64)
+        starts = tf.constant([start for start, _ in self.schedule], tf.int64)
+        batch, seed = self.global_batch_size, self.seed
+        host_rows = batch // shard.num_shards
+        first = shard.index * host_rows
+
+        def step_sources(step):
+            phase = tf.searchsorted(starts, [step], side="right")[0] - 1
+            local = tf.cast(step - starts[phase], tf.float64)
+            cumulative = tf.math.cumsum(shares[phase])
+            # Rows from sources 0..k in this batch, then per source by differencing.
+            through_k = _rounded(cumulative * (local + 1) * batch) - _rounded(
+                cumulative * local * batch
             )
-        return token_share_mixture(tasks, self.shares)
+            counts = through_k - tf.concat([[0], through_k[:-1]], axis=0)
+            sources = tf.repeat(tf.range(len(self.sources), dtype=tf.int64), counts)
+            shuffle_seed = tf.stack([tf.constant(seed, tf.int64), step])
+            sources = tf.random.experimental.stateless_shuffle(sources, seed=shuffle_seed)
+            return sources[first : first + host_rows]
+
+        return tf.data.Dataset.range(2**62).map(step_sources).unbatch()
 
     def _options(self) -> tf.data.Options:
         options = tf.data.Options()
@@ -113,3 +156,42 @@ class MixtureInput:
         options.threading.private_threadpool_size = self.num_threads
         options.threading.max_intra_op_parallelism = 1
         return options
+
+
+def _rounded(x: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.round(x), tf.int64)
+
+
+def check_shares(shares: Shares, names: Sequence[str]) -> None:
+    """ValueError naming the problem: unknown source, negative share, or a sum other than 1."""
+    unknown = sorted(set(shares) - set(names))
+    if unknown:
+        raise ValueError(f"unknown source(s) {unknown} in shares; known sources: {list(names)}")
+    negative = {name: value for name, value in shares.items() if value < 0}
+    if negative:
+        raise ValueError(f"shares must be >= 0, got {negative}")
+    total = sum(shares.values())
+    if not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(f"shares must sum to 1, got {dict(shares)} (sum {total})")
+
+
+class HostBatches(Iterator[dict[str, np.ndarray]]):
+    """Iterator over host batches (numpy int32 dicts) whose position can be saved and restored.
+
+    The state holds the sources' read positions and shuffle buffers, not the data read so far, so
+    saving and restoring costs about the size of those buffers, whatever the step.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in next(self._iterator).items()}
+
+    def save(self, path_prefix: str) -> str:
+        """Write the iterator state under ``path_prefix``; returns the checkpoint path."""
+        return self._checkpoint.write(path_prefix)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._checkpoint.read(checkpoint_path).assert_consumed()

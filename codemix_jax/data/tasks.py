@@ -1,59 +1,46 @@
-"""One seqio Task per source: TFRecord shards -> tokens + EOS -> full packed rows tagged by source.
+"""The seqio Task of a source: documents -> token ids + EOS -> full packed rows.
 
-Packing happens inside the Task, after seqio's repeat, so a Mixture over these Tasks samples whole
-rows (equal token counts) and documents flow across epoch boundaries without a ragged tail.
+Packing happens inside the Task, after seqio's repeat, so every example is a full row of
+``seq_len`` tokens (rows are token-equal) and documents flow across epoch boundaries without a
+ragged tail.
 """
 
 import functools
-import hashlib
 from collections.abc import Mapping
 
-import gin
 import seqio
 import tensorflow as tf
 
-from codemix_jax.data.corpus import SHARD_GLOB, SOURCES, SPLITS, TEXT_FEATURE, find_shards
 from codemix_jax.data.packing import pack_rows
 from codemix_jax.data.vocab import load_vocab
 
+SHUFFLE_BUFFER_SIZE = 256  # packed rows; get_dataset(shuffle_buffer_size=...) overrides it
 
-@gin.configurable
-def shard_pattern(*, corpus_dir: str, source: str, split: str, template: str = SHARD_GLOB) -> str:
-    """The file pattern of one source's split; bind ``template`` to read another layout."""
-    return template.format(corpus_dir=corpus_dir, source=source, split=split)
-
-
-def require_shards(*, corpus_dir: str, source: str, split: str) -> None:
-    """Fails early and clearly where seqio would fail deep inside tf.data."""
-    find_shards(shard_pattern(corpus_dir=corpus_dir, source=source, split=split))
+_tokenize_and_append_eos = functools.partial(
+    seqio.preprocessors.tokenize_and_append_eos, copy_pretokenized=False
+)
 
 
-@gin.configurable
-def source_task(
-    *, source: str, corpus_dir: str, vocab_path: str, shuffle_buffer_size: int = 256
+def packed_task(
+    name: str, *, data_source: seqio.DataSource, vocab_path: str, feature: str, pretokenized: bool
 ) -> seqio.Task:
-    """The Task reading ``source`` from ``corpus_dir``, registered once per configuration."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; known sources: {SOURCES}")
-    patterns = {
-        split: shard_pattern(corpus_dir=corpus_dir, source=source, split=split) for split in SPLITS
-    }
-    key = repr((patterns, vocab_path, shuffle_buffer_size)).encode()
-    name = f"codemix_{source}_{hashlib.sha256(key).hexdigest()[:12]}"
+    """The Task named ``name``, registered on first use: callers make names unique per config.
+
+    ``feature`` holds a document's text, or its int64 token ids (no EOS) when ``pretokenized``.
+    """
     if name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
-    features = {TEXT_FEATURE: tf.io.FixedLenFeature([], tf.string)}
+    to_ids = seqio.preprocessors.append_eos if pretokenized else _tokenize_and_append_eos
     return seqio.TaskRegistry.add(
         name,
-        source=seqio.TFExampleDataSource(patterns, feature_description=features),
+        source=data_source,
         output_features={"targets": seqio.Feature(load_vocab(vocab_path), add_eos=True)},
         preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": TEXT_FEATURE}),
-            functools.partial(seqio.preprocessors.tokenize_and_append_eos, copy_pretokenized=False),
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": feature}),
+            to_ids,
             _pack,
-            functools.partial(_tag_source, source_id=SOURCES.index(source)),
         ],
-        shuffle_buffer_size=shuffle_buffer_size,
+        shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
     )
 
 
@@ -61,8 +48,3 @@ def _pack(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None) -
     if not sequence_length or "targets" not in sequence_length:
         raise ValueError(f"packing needs sequence_length={{'targets': L}}, got {sequence_length}")
     return pack_rows(dataset, seq_len=sequence_length["targets"])
-
-
-def _tag_source(dataset: tf.data.Dataset, source_id: int) -> tf.data.Dataset:
-    """Adds "source_id" (an index into SOURCES) so losses can be reported per source."""
-    return dataset.map(lambda row: {**row, "source_id": tf.constant(source_id, tf.int32)})
