@@ -67,7 +67,11 @@ def pretokenized_sources(work_dir: str) -> list[Source]:
             for text in read_documents(corpus_dir=CORPUS, source=name, split="train"):
                 f.write(json.dumps({"text": text}) + "\n")
         out_dir = os.path.join(work_dir, name)
-        ingest(inputs=[jsonl], out_dir=out_dir, vocab_path=VOCAB, validation_fraction=0.0)
+        manifest = ingest(inputs=[jsonl], out_dir=out_dir, vocab_path=VOCAB, validation_fraction=0)
+        train = manifest["totals"]["splits"]["train"]
+        print(
+            f"{name}: {train['docs']} documents, {train['tokens'] / train['docs']:,.0f} tokens each"
+        )
         sources.append(
             Source(
                 name=name,

@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Importing orbax/absl may already have configured the root logger, at WARNING.
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter at every save
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
