@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA := data/local
-RUN_DIR ?= runs/smoke
+RUN_DIR ?= runs/smoke-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: venv data demo test lint
 

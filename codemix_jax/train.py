@@ -69,6 +69,10 @@ def train(
             model=model, tx=tx, mesh=mesh, rules=rules, seq_len=dataset.seq_len
         )
         start_step = checkpoints.latest_step() or 0
+        if start_step >= num_steps:
+            log.warning(
+                "%s already holds step %d >= num_steps; nothing to train", run_dir, start_step
+            )
         if start_step:
             log.info("resuming from the checkpoint at step %d", start_step)
             state = checkpoints.restore(
