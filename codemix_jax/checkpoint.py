@@ -67,11 +67,10 @@ class Checkpoints:
     """Periodic, asynchronous checkpoints of one run, keeping the newest ``keep``."""
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 3):
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
-            max_to_keep=keep,
-            enable_async_checkpointing=True,
-        )
+        if save_every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 step, got {save_every}")
+        self._save_every = save_every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=options,
@@ -88,7 +87,12 @@ class Checkpoints:
     def save(
         self, step: int, *, state: Any, batches: HostBatches, meta: dict, force: bool = False
     ) -> bool:
-        """Save if ``step`` is due (or ``force``); arrays are written in the background."""
+        """Save if ``step`` is a multiple of the interval (or ``force``); returns whether it did.
+
+        Arrays are copied off the devices before returning and written in the background.
+        """
+        if step % self._save_every and not force:
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=DataIteratorSave(batches),

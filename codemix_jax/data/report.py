@@ -43,7 +43,9 @@ def mixture_report(mixture: MixtureInput, *, num_batches: int, start_step: int =
     configured = mixture.share_matrix()[phases].mean(axis=0)
     return ShareReport(
         tokens=dict(zip(names, tokens.tolist(), strict=True)),
-        configured=dict(zip(names, configured.tolist(), strict=True)),
+        configured={
+            name: round(share, 9) for name, share in zip(names, configured.tolist(), strict=True)
+        },
     )
 
 
