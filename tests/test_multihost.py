@@ -1,4 +1,5 @@
-"""Two JAX processes on localhost: each reads only its shard, the global batch is their union."""
+"""Two JAX processes on localhost: each reads only its shard, the global batch is their union,
+and each resumes its own input from a shared checkpoint."""
 
 import hashlib
 import os
@@ -47,6 +48,10 @@ def test_hosts_read_disjoint_shards_and_assemble_the_global_batch(local_data, tm
     np.testing.assert_array_equal(second["global_rows"], expected)
     rows = [tuple(row) for row in expected.reshape(-1, expected.shape[-1])]
     assert len(set(rows)) == len(rows)
+
+    # Each host resumes its own input exactly from the shared (two-process) checkpoint.
+    for host in (first, second):
+        np.testing.assert_array_equal(host["after_restore"], host["after_save"])
 
     # Per source, the hosts' documents partition the source: no duplicates, no gaps. (Counted as
     # multisets: the corpus itself may hold the same text twice.)
