@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import gin
+import jax
 
 from codemix_jax import gin_config
 from codemix_jax.data import MixtureInput, build_local_corpus, train_vocab
@@ -33,6 +34,12 @@ def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    if args.coordinator_address:
+        jax.distributed.initialize(
+            args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+        )
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pods and SLURM/GKE: the cluster is auto-detected.
     gin_config.parse(args.gin_file, args.gin_bindings)
     metrics = train(run_dir=args.run_dir)
     log.info("done: %s", json.dumps(metrics))
@@ -82,7 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cmd = commands.add_parser("train", help="train a model from gin files")
     _add_gin_flags(train_cmd)
-    train_cmd.add_argument("--run_dir", required=True, help="metrics, TensorBoard, config.gin")
+    train_cmd.add_argument(
+        "--run_dir", required=True, help="metrics, TensorBoard, config.gin, checkpoints"
+    )
+    train_cmd.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host run on a TPU pod or a managed cluster (jax.distributed auto-detects it)",
+    )
+    train_cmd.add_argument(
+        "--coordinator_address", help="multi-process run elsewhere: process 0's host:port"
+    )
+    train_cmd.add_argument("--num_processes", type=int, help="with --coordinator_address")
+    train_cmd.add_argument("--process_id", type=int, help="with --coordinator_address")
     train_cmd.set_defaults(run=_train)
 
     params_cmd = commands.add_parser("params", help="count a gin model's parameters abstractly")

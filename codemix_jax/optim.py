@@ -20,6 +20,8 @@ def warmup_cosine(
     *, peak: float, warmup_steps: int, total_steps: int, final: float = 0.0
 ) -> optax.Schedule:
     """Linear warmup from 0 to ``peak``, then cosine decay to ``final`` at ``total_steps``."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps={warmup_steps} < total_steps={total_steps}")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,

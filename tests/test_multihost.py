@@ -2,6 +2,7 @@
 and each resumes its own input from a shared checkpoint."""
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -9,7 +10,9 @@ import sys
 from collections import Counter
 
 import numpy as np
+import pytest
 
+from codemix_jax import gin_config
 from codemix_jax.data.corpus import read_documents
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "multihost_input.py")
@@ -69,3 +72,47 @@ def _all_documents(local_data, source_name: str) -> list[str]:
             corpus_dir=local_data.corpus_dir, source=source_name, split="train"
         )
     ]
+
+
+LAUNCHER = os.path.join(gin_config.REPO_ROOT, "launch", "local_multiprocess.sh")
+
+
+def train_two_processes(local_data, run_dir, num_steps: int) -> dict[int, float]:
+    bindings = [
+        f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
+        f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
+        f"NUM_STEPS = {num_steps}",
+        "warmup_cosine.total_steps = 8",
+        "WARMUP_STEPS = 2",
+        "MixtureInput.global_batch_size = 8",
+        "MixtureInput.seq_len = 64",
+        "train.log_every = 2",
+        "train.checkpoint_every = 4",
+    ]
+    flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
+    env = {**os.environ, "CODEMIX": os.path.join(os.path.dirname(sys.executable), "codemix")}
+    command = [LAUNCHER, "2", "2", "--gin_file", "gin/experiments/smoke.gin"]
+    result = subprocess.run(
+        [*command, "--run_dir", str(run_dir), *flags],
+        cwd=gin_config.REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "".join((run_dir / f"process_{i}.log").read_text()[-2000:] for i in range(2))
+    assert result.returncode == 0, result.stderr + logs
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def test_two_process_training_resumes_like_an_uninterrupted_run(local_data, tmp_path):
+    straight = train_two_processes(local_data, tmp_path / "straight", 8)
+    train_two_processes(local_data, tmp_path / "resumed", 4)
+    resumed = train_two_processes(local_data, tmp_path / "resumed", 8)
+    assert sorted(straight) == [2, 4, 6, 8]
+    assert straight[8] < straight[2]
+    for step in (6, 8):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5)
+    inputs = os.listdir(tmp_path / "resumed" / "checkpoints" / "8" / "data")
+    assert {"process_0-of-2", "process_1-of-2"} <= set(inputs)
