@@ -69,10 +69,6 @@ def train(
             model=model, tx=tx, mesh=mesh, rules=rules, seq_len=dataset.seq_len
         )
         start_step = checkpoints.latest_step() or 0
-        if start_step >= num_steps:
-            log.warning(
-                "%s already holds step %d >= num_steps; nothing to train", run_dir, start_step
-            )
         if start_step:
             log.info("resuming from the checkpoint at step %d", start_step)
             state = checkpoints.restore(
@@ -105,6 +101,8 @@ def train(
             num_steps=num_steps,
             log_every=log_every,
         )
+        if start_step >= num_steps:
+            log.warning("%s already holds step %d; nothing to train", run_dir, start_step)
         log.info("training steps %d..%d on mesh %s", start_step + 1, num_steps, dict(mesh.shape))
         for step in range(start_step + 1, num_steps + 1):
             state, metrics = train_step(state, global_batch(next(batches), mesh))
