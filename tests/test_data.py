@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import gin
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow as tf
 
 from codemix_jax.data import SOURCES, MixtureInput, load_vocab, pack_rows
 from codemix_jax.data.corpus import code_documents, read_documents, write_corpus
+from codemix_jax.data.mixture import CorruptDataError
 from codemix_jax.data.sources import local_sources
 
 EOS = 1
@@ -191,3 +193,15 @@ def test_bad_config_fails_naming_the_value(local_data, overrides, message):
 def test_batch_must_divide_over_hosts(local_data):
     with pytest.raises(ValueError, match="not divisible by process_count 3"):
         mixture(local_data).host_batches(process_count=3)
+
+
+def test_corrupt_shard_is_named(local_data, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(local_data.corpus_dir, corpus)
+    for shard in (corpus / "text").glob("train-*.tfrecord"):
+        damaged = bytearray(shard.read_bytes())
+        damaged[100:110] = b"X" * 10  # inside the first record: its CRC no longer matches
+        shard.write_bytes(bytes(damaged))
+    batches = mixture(local_data, sources=local_sources(corpus_dir=str(corpus))).host_batches()
+    with pytest.raises(CorruptDataError, match=rf"corrupt input file {corpus}/text/train-\d+"):
+        next(batches)

@@ -99,7 +99,14 @@ class MixtureInput:
                 f"process_count {process_count}"
             )
         shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
-        return HostBatches(self._dataset(shard))
+        used = self.share_matrix().max(axis=0) > 0
+        files = [
+            path
+            for source, read in zip(self.sources, used, strict=True)
+            if read
+            for path in source.tfrecord_files(self.split)
+        ]
+        return HostBatches(self._dataset(shard), tfrecord_files=files)
 
     def _dataset(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
         used = np.flatnonzero(self.share_matrix().max(axis=0) > 0)
@@ -182,12 +189,18 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
     saving and restoring costs about the size of those buffers, whatever the step.
     """
 
-    def __init__(self, dataset: tf.data.Dataset):
+    def __init__(self, dataset: tf.data.Dataset, *, tfrecord_files: Sequence[str] = ()):
         self._iterator = iter(dataset)
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self._tfrecord_files = tfrecord_files
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return {name: value.numpy() for name, value in next(self._iterator).items()}
+        try:
+            batch = next(self._iterator)
+        except tf.errors.DataLossError as error:
+            # tf.data names the record but not the file: find the file before giving up.
+            raise CorruptDataError(_describe_corruption(self._tfrecord_files, error)) from error
+        return {name: value.numpy() for name, value in batch.items()}
 
     def save(self, path_prefix: str) -> str:
         """Write the iterator state under ``path_prefix``; returns the checkpoint path."""
@@ -195,3 +208,28 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
 
     def restore(self, checkpoint_path: str) -> None:
         self._checkpoint.read(checkpoint_path).assert_consumed()
+
+
+class CorruptDataError(ValueError):
+    """An input file that cannot be read, named when it can be found."""
+
+
+MAX_CORRUPTION_SCAN_BYTES = 50 * 2**30
+
+
+def _describe_corruption(files: Sequence[str], error: tf.errors.DataLossError) -> str:
+    """Scan the run's TFRecord files (up to a byte budget) for the one that fails to read."""
+    scanned = 0
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                pass
+        except tf.errors.DataLossError:
+            return f"corrupt input file {path}: {error.message}"
+        scanned += tf.io.gfile.stat(path).length
+        if scanned > MAX_CORRUPTION_SCAN_BYTES:
+            break
+    return (
+        f"corrupt input data ({error.message}); no corrupt file found among the first "
+        f"{scanned / 2**30:.1f} GiB of {len(files)} TFRecord files read by this run"
+    )

@@ -109,6 +109,12 @@ class Source:
                 f"write them with {_MAKE_FILES[self.format]}."
             )
 
+    def tfrecord_files(self, split: str) -> list[str]:
+        """The TFRecord files of ``split`` (none for other formats), for locating corrupt data."""
+        if self.format != "tfrecord" or split not in self._locations():
+            return []
+        return sorted(tf.io.gfile.glob(self._locations()[split]))
+
     def _locations(self) -> dict[str, str]:
         """Split -> file glob, or -> TFDS split name for a TFDS source."""
         train = "train" if self.format == "tfds" else self.train
