@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from codemix_jax.model.param_count import EMBEDDING_MODULES
+
 NO_DECAY_NAMES = ("scale", "bias")
-EMBEDDING_NAMES = ("token_embedding", "position_embedding")
 
 
 @gin.configurable
@@ -83,7 +84,7 @@ def rsqrt(*, peak: float, warmup_steps: int) -> optax.Schedule:
 
 def weight_decay_mask(params, *, decay_embeddings: bool = True):
     """True where weight decay applies: not on norms or biases, optionally not on embeddings."""
-    excluded = NO_DECAY_NAMES + (() if decay_embeddings else EMBEDDING_NAMES)
+    excluded = NO_DECAY_NAMES + (() if decay_embeddings else EMBEDDING_MODULES)
 
     def decays(path, _) -> bool:
         names = {getattr(key, "key", None) for key in path}

@@ -65,9 +65,7 @@ def train(
     meta = {"model_config": dataclasses.asdict(model_config)}
     scalars: dict[str, float] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_state, shardings = state_layout(
-            model=model, tx=tx, mesh=mesh, rules=rules, seq_len=dataset.seq_len
-        )
+        abstract_state, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)
         start_step = checkpoints.latest_step() or 0
         if start_step:
             log.info("resuming from the checkpoint at step %d", start_step)
@@ -75,9 +73,7 @@ def train(
                 start_step, abstract_state=abstract_state, batches=batches, meta=meta
             )
         else:
-            state = init_train_state(
-                model=model, tx=tx, shardings=shardings, seed=seed, seq_len=dataset.seq_len
-            )
+            state = init_train_state(model=model, tx=tx, shardings=shardings, seed=seed)
         train_step = make_train_step(
             model=model,
             tx=tx,

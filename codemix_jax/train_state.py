@@ -12,7 +12,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codemix_jax import sharding
-from codemix_jax.model import Transformer
+from codemix_jax.model import Transformer, init_params
 
 Batch = dict[str, jax.Array]
 
@@ -24,15 +24,9 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def _dummy_inputs(batch_size: int, seq_len: int) -> dict[str, jax.Array]:
-    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-    return {"segment_ids": jnp.ones_like(tokens), "positions": jnp.zeros_like(tokens)}
-
-
-def _boxed_state(model: Transformer, tx: optax.GradientTransformation, rng, seq_len: int):
+def _boxed_state(model: Transformer, tx: optax.GradientTransformation, rng) -> TrainState:
     """Fresh state with ``nn.Partitioned`` boxes kept, so axis names reach the optimizer state."""
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(rng, tokens, **_dummy_inputs(1, seq_len))["params"]
+    params = init_params(model, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -42,14 +36,13 @@ def state_layout(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rules: sharding.Rules,
-    seq_len: int,
 ) -> tuple[TrainState, TrainState]:
     """The abstract state (shapes carrying their shardings) and the shardings; allocates nothing.
 
     A layout error (a dimension that does not divide its mesh axes) surfaces here, before any
     compilation of the real model. The abstract state is also the target a checkpoint restores into.
     """
-    boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, seq_len), jax.random.key(0))
+    boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r), jax.random.key(0))
     shardings = sharding.logical_to_shardings(boxed, mesh, rules, what="parameter")
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -65,10 +58,9 @@ def init_train_state(
     tx: optax.GradientTransformation,
     shardings: TrainState,
     seed: int,
-    seq_len: int,
 ) -> TrainState:
     """Fresh params and optimizer state, initialised directly into their shards."""
-    init = jax.jit(lambda r: nn.unbox(_boxed_state(model, tx, r, seq_len)), out_shardings=shardings)
+    init = jax.jit(lambda r: nn.unbox(_boxed_state(model, tx, r)), out_shardings=shardings)
     return init(jax.random.key(seed))
 
 

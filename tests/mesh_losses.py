@@ -55,8 +55,8 @@ def losses_on(mesh_kwargs: dict) -> list[float]:
     model = Transformer(CONFIG)
     batch = packed_batch(np.random.default_rng(0))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        _, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules, seq_len=32)
-        state = init_train_state(model=model, tx=tx, shardings=shardings, seed=0, seq_len=32)
+        _, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)
+        state = init_train_state(model=model, tx=tx, shardings=shardings, seed=0)
         step = make_train_step(
             model=model, tx=tx, num_sources=2, state_shardings=shardings, mesh=mesh
         )

@@ -58,7 +58,7 @@ class MixtureInput:
             raise ValueError(f"source names must be unique, got {names}")
         if (self.shares is None) == (self.phases is None):
             raise ValueError("set exactly one of MixtureInput.shares and MixtureInput.phases")
-        starts = [start for start, _ in self.schedule]
+        starts = list(self.phase_starts)
         if starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError(f"phase start steps must begin at 0 and increase, got {starts}")
         for _, shares in self.schedule:
@@ -74,16 +74,23 @@ class MixtureInput:
         phases = ((0, self.shares),) if self.shares is not None else self.phases
         return tuple((int(start), dict(shares)) for start, shares in phases)
 
+    @property
+    def phase_starts(self) -> tuple[int, ...]:
+        return tuple(start for start, _ in self.schedule)
+
     def phase_at(self, step: int) -> int:
         """Index of the phase that batch ``step`` (0-based) belongs to."""
-        starts = [start for start, _ in self.schedule]
-        return int(np.searchsorted(starts, step, side="right")) - 1
+        return int(np.searchsorted(self.phase_starts, step, side="right")) - 1
 
     def share_matrix(self) -> np.ndarray:
         """[phases, sources] token shares, sources in ``source_names`` order."""
         return np.array(
             [[shares.get(name, 0.0) for name in self.source_names] for _, shares in self.schedule]
         )
+
+    def _read_indices(self) -> np.ndarray:
+        """Indices of the sources some phase reads; the others' files are never opened."""
+        return np.flatnonzero(self.share_matrix().max(axis=0) > 0)
 
     def host_batches(self, *, process_index: int = 0, process_count: int = 1) -> "HostBatches":
         """This host's rows of every global batch, from step 0, as a checkpointable iterator.
@@ -99,17 +106,11 @@ class MixtureInput:
                 f"process_count {process_count}"
             )
         shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
-        used = self.share_matrix().max(axis=0) > 0
-        files = [
-            path
-            for source, read in zip(self.sources, used, strict=True)
-            if read
-            for path in source.tfrecord_files(self.split)
-        ]
-        return HostBatches(self._dataset(shard), tfrecord_files=files)
+        read = [self.sources[index] for index in self._read_indices()]
+        return HostBatches(self._dataset(shard), sources=read, split=self.split)
 
     def _dataset(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
-        used = np.flatnonzero(self.share_matrix().max(axis=0) > 0)
+        used = self._read_indices()
         rows = [self._source_rows(int(index), shard) for index in used]
         # Choices index the used sources; map the global source ids onto that list.
         position = np.full(len(self.sources), -1, np.int64)
@@ -136,7 +137,7 @@ class MixtureInput:
     def _row_sources(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
         """Global source id of each of this host's rows, step after step."""
         shares = tf.constant(self.share_matrix(), tf.float64)
-        starts = tf.constant([start for start, _ in self.schedule], tf.int64)
+        starts = tf.constant(self.phase_starts, tf.int64)
         batch, seed = self.global_batch_size, self.seed
         host_rows = batch // shard.num_shards
         first = shard.index * host_rows
@@ -189,17 +190,18 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
     saving and restoring costs about the size of those buffers, whatever the step.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, *, tfrecord_files: Sequence[str] = ()):
+    def __init__(self, dataset: tf.data.Dataset, *, sources: Sequence[Source], split: str):
         self._iterator = iter(dataset)
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-        self._tfrecord_files = tfrecord_files
+        self._sources, self._split = sources, split
 
     def __next__(self) -> dict[str, np.ndarray]:
         try:
             batch = next(self._iterator)
         except tf.errors.DataLossError as error:
             # tf.data names the record but not the file: find the file before giving up.
-            raise CorruptDataError(_describe_corruption(self._tfrecord_files, error)) from error
+            files = [path for s in self._sources for path in s.tfrecord_files(self._split)]
+            raise CorruptDataError(_describe_corruption(files, error)) from error
         return {name: value.numpy() for name, value in batch.items()}
 
     def save(self, path_prefix: str) -> str:

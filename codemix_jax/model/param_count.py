@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from codemix_jax.model.config import ModelConfig
-from codemix_jax.model.transformer import Transformer
+from codemix_jax.model.transformer import Transformer, init_params
 
 EMBEDDING_MODULES = ("token_embedding", "position_embedding")
 
@@ -17,13 +16,7 @@ EMBEDDING_MODULES = ("token_embedding", "position_embedding")
 def abstract_params(config: ModelConfig) -> dict:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves: shapes only, so 2.8B costs nothing."""
 
-    def init() -> dict:
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        model = Transformer(config)
-        variables = model.init(jax.random.key(0), tokens, segment_ids=tokens + 1, positions=tokens)
-        return nn.unbox(variables["params"])
-
-    return jax.eval_shape(init)
+    return jax.eval_shape(lambda: nn.unbox(init_params(Transformer(config), jax.random.key(0))))
 
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:

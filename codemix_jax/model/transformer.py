@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from codemix_jax.model.attention import Attention
@@ -94,3 +95,12 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds max_seq_len={self.config.max_seq_len}"
             )
+
+
+def init_params(model: Transformer, rng: jax.Array) -> dict:
+    """Fresh parameters, still boxed with their logical axis names.
+
+    Initialised from a one-token input: no parameter's shape depends on the input length.
+    """
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return model.init(rng, tokens, segment_ids=tokens + 1, positions=tokens)["params"]
