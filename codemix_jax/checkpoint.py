@@ -2,13 +2,14 @@
 
 A step's checkpoint has three items: ``state`` (sharded params, optimizer state, step; restored
 straight into the current mesh's shardings), ``data`` (one tf.data iterator state per process, so
-the input resumes exactly where it stopped), and ``meta`` (JSON: the model config, used to refuse
-a checkpoint written by another model before touching any array).
+the input resumes exactly where it stopped), and ``meta`` (JSON: the run's identity, see
+``run_identity``, used to refuse a checkpoint of another run before touching any array).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -55,12 +56,26 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
     iterator: HostBatches
 
 
-# Model settings that change how the model runs but not its parameters.
-RUNTIME_ONLY_FIELDS = frozenset({"dtype", "remat"})
+# Settings a resumed run may change: they change how the model runs, not what it computes.
+RUNTIME_ONLY_FIELDS = frozenset({("ModelConfig", "dtype"), ("ModelConfig", "remat")})
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint written by a different model than the one being trained."""
+    """A checkpoint written by another model or another input stream than the current run's."""
+
+
+def run_identity(*, model_config: Any, input_settings: dict, seed: int) -> dict:
+    """What a checkpoint must share with the run that resumes it, by gin configurable name.
+
+    The model's dimensions (else the arrays do not fit), the input stream's settings (else the
+    saved read position would continue another stream: other rows, shares or order) and the init
+    seed (a resume never re-initialises, so a new seed would silently have no effect).
+    """
+    return {
+        "ModelConfig": dataclasses.asdict(model_config),
+        "MixtureInput": input_settings,
+        "train": {"seed": seed},
+    }
 
 
 class Checkpoints:
@@ -103,7 +118,7 @@ class Checkpoints:
     def restore(self, step: int, *, abstract_state: Any, batches: HostBatches, meta: dict) -> Any:
         """Restore ``step`` into ``abstract_state``'s shardings and rewind ``batches`` to it."""
         saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        _check_same_model(saved["meta"], meta, step)
+        _check_same_run(saved["meta"], meta, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -119,15 +134,22 @@ class Checkpoints:
         self._manager.close()
 
 
-def _check_same_model(saved: dict, current: dict, step: int) -> None:
-    saved_model, current_model = saved.get("model_config", {}), current["model_config"]
-    differences = {
-        key: (saved_model.get(key), value)
-        for key, value in current_model.items()
-        if key not in RUNTIME_ONLY_FIELDS and saved_model.get(key) != value
-    }
+def _check_same_run(saved: dict, current: dict, step: int) -> None:
+    differences = [
+        f"{section}.{key}: saved {saved.get(section, {}).get(key)!r} vs now {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if (section, key) not in RUNTIME_ONLY_FIELDS
+        and saved.get(section, {}).get(key) != _as_json(value)
+    ]
     if differences:
-        described = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in differences.items())
         raise CheckpointMismatchError(
-            f"checkpoint at step {step} was written by a different model ({described})"
+            f"the checkpoint at step {step} was written with other settings "
+            f"({', '.join(differences)}); resume with the settings it was written with, or "
+            "start a new --run_dir"
         )
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from the JSON meta item (tuples become lists)."""
+    return json.loads(json.dumps(value))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from codemix_jax import gin_config, sharding
-from codemix_jax.checkpoint import Checkpoints
+from codemix_jax.checkpoint import Checkpoints, run_identity
 from codemix_jax.data import MixtureInput
 from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
 from codemix_jax.model import ModelConfig, Transformer, training_flops_per_token
@@ -62,7 +61,9 @@ def train(
     checkpoints = Checkpoints(
         os.path.join(run_dir, "checkpoints"), save_every=checkpoint_every, keep=keep_checkpoints
     )
-    meta = {"model_config": dataclasses.asdict(model_config)}
+    meta = run_identity(
+        model_config=model_config, input_settings=dataset.stream_settings(), seed=seed
+    )
     scalars: dict[str, float] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)

@@ -3,8 +3,9 @@
 seqio Mixture rates sample examples at random; the papers' proportions are shares of tokens and the
 studies compare runs whose shares differ by a few points. So every source is packed into full rows
 of ``seq_len`` tokens (rows are then token-equal), and each global batch gets a deterministic number
-of rows per source by cumulative rounding: over any run of batches within a phase, a source's row
-count is within one row of ``share * rows``. The rows' order inside a batch is a seeded shuffle.
+of rows per source by cumulative rounding: every batch has exactly ``global_batch_size`` rows and,
+over the first ``n`` batches of a phase, a source's row count is within one row of
+``share * n * global_batch_size``. The rows' order inside a batch is a seeded shuffle.
 
 The whole pipeline is one tf.data graph whose iterator state (source read positions, shuffle
 buffers, the step counter that drives the mixing) can be saved and restored, so a resumed run sees
@@ -88,6 +89,53 @@ class MixtureInput:
             [[shares.get(name, 0.0) for name in self.source_names] for _, shares in self.schedule]
         )
 
+    def cumulative_shares(self) -> np.ndarray:
+        """[phases, sources] running totals of the shares, each phase ending at exactly 1.0.
+
+        Shares pass validation when they sum to 1 within 1e-6. Rounding a last running total of
+        0.9999999 times a row count would now and then give a batch one row short, and every later
+        batch would borrow a row from the next step. So totals are divided by the phase's sum and
+        pinned to 1.0 from the last source with a share onwards: rounding ``1.0 * rows`` is exact.
+        """
+        shares = self.share_matrix()
+        cumulative = np.cumsum(shares, axis=1) / shares.sum(axis=1, keepdims=True)
+        for phase, row in enumerate(shares):
+            cumulative[phase, np.flatnonzero(row)[-1] :] = 1.0
+        return cumulative
+
+    def rows_per_source(self, steps: Sequence[int]) -> np.ndarray:
+        """[len(steps), sources] rows each source gives to global batches ``steps`` (0-based)."""
+        return self._row_counts(tf.constant(steps, tf.int64)).numpy()
+
+    def _row_counts(self, steps: tf.Tensor) -> tf.Tensor:
+        """Cumulative rounding: rows from sources 0..k over a phase's first n batches are
+        ``round(total_k * n * batch)``; differencing over n and then over k gives the counts."""
+        totals = tf.constant(self.cumulative_shares() * self.global_batch_size, tf.float64)
+        starts = tf.constant(self.phase_starts, tf.int64)
+        phase = tf.searchsorted(starts, steps, side="right") - 1
+        done = tf.cast(steps - tf.gather(starts, phase), tf.float64)[:, None]
+        totals = tf.gather(totals, phase)
+        through_k = _rounded(totals * (done + 1)) - _rounded(totals * done)
+        return through_k - tf.pad(through_k[:, :-1], [[0, 0], [1, 0]])
+
+    def stream_settings(self) -> dict:
+        """The settings that decide which rows each batch holds, as JSON values.
+
+        A saved input position means something only under the same settings, so a resumed run must
+        match them. File locations and the thread count may change; they are not here.
+        """
+        return {
+            "sources": list(self.source_names),
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+            "phases": [
+                [start, {name: float(shares.get(name, 0.0)) for name in self.source_names}]
+                for start, shares in self.schedule
+            ],
+            "seed": self.seed,
+        }
+
     def _read_indices(self) -> np.ndarray:
         """Indices of the sources some phase reads; the others' files are never opened."""
         return np.flatnonzero(self.share_matrix().max(axis=0) > 0)
@@ -136,22 +184,16 @@ class MixtureInput:
 
     def _row_sources(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
         """Global source id of each of this host's rows, step after step."""
-        shares = tf.constant(self.share_matrix(), tf.float64)
-        starts = tf.constant(self.phase_starts, tf.int64)
         batch, seed = self.global_batch_size, self.seed
         host_rows = batch // shard.num_shards
         first = shard.index * host_rows
 
         def step_sources(step):
-            phase = tf.searchsorted(starts, [step], side="right")[0] - 1
-            local = tf.cast(step - starts[phase], tf.float64)
-            cumulative = tf.math.cumsum(shares[phase])
-            # Rows from sources 0..k in this batch, then per source by differencing.
-            through_k = _rounded(cumulative * (local + 1) * batch) - _rounded(
-                cumulative * local * batch
-            )
-            counts = through_k - tf.concat([[0], through_k[:-1]], axis=0)
-            sources = tf.repeat(tf.range(len(self.sources), dtype=tf.int64), counts)
+            counts = self._row_counts(step[None])[0]
+            # Batches are cut from this stream by row count: a short one would shift all later ones.
+            check = tf.debugging.assert_equal(tf.reduce_sum(counts), tf.constant(batch, tf.int64))
+            with tf.control_dependencies([check]):
+                sources = tf.repeat(tf.range(len(self.sources), dtype=tf.int64), counts)
             shuffle_seed = tf.stack([tf.constant(seed, tf.int64), step])
             sources = tf.random.experimental.stateless_shuffle(sources, seed=shuffle_seed)
             return sources[first : first + host_rows]
