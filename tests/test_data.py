@@ -130,21 +130,61 @@ def test_pack_rows_cuts_full_rows_with_exact_segments():
 
 
 @pytest.mark.parametrize(
-    "shares", [DEMO_SHARES, {"code": 0.1, "text": 0.0, "markup": 0.9}], ids=["demo", "no_text"]
+    ("shares", "rows"),
+    [
+        ({"code": 0.5, "text": 0.375, "markup": 0.125}, [4, 3, 1]),
+        ({"code": 0.25, "text": 0.0, "markup": 0.75}, [2, 0, 6]),
+    ],
+    ids=["three_sources", "zero_share"],
 )
-def test_mixture_realizes_token_shares(local_data, shares):
-    batches = take(mixture(local_data, shares=shares, global_batch_size=64).host_batches(), 50)
-    tokens = np.zeros(len(SOURCES))
-    for batch in batches:
-        assert batch["targets"].shape == (64, 32) and batch["source_id"].shape == (64,)
+def test_every_batch_has_the_exact_rows_per_source(local_data, shares, rows):
+    """Shares that are whole rows of an 8-row batch: every batch holds exactly those counts."""
+    for batch in take(mixture(local_data, shares=shares, global_batch_size=8).host_batches(), 4):
+        assert batch["targets"].shape == (8, 32) and batch["source_id"].shape == (8,)
         assert all(value.dtype == np.int32 for value in batch.values())
         assert (batch["segment_ids"] > 0).all()  # full rows: no padding
-        np.add.at(tokens, batch["source_id"], (batch["segment_ids"] > 0).sum(axis=1))
         shifted = np.where(batch["positions"][:, 1:] == 0, 0, batch["targets"][:, :-1])
         np.testing.assert_array_equal(batch["inputs"][:, 1:], shifted)
-    realized = tokens / tokens.sum()
-    expected = np.array([shares[source] for source in SOURCES])
-    np.testing.assert_allclose(realized, expected, atol=0.03)
+        assert np.bincount(batch["source_id"], minlength=3).tolist() == rows
+
+
+def test_batches_deliver_the_planned_rows_across_a_phase_change(local_data):
+    """Uneven shares and a phase change at batch 3: the pipeline's rows are the plan's."""
+    config = mixture(
+        local_data,
+        shares=None,
+        phases=[(0, {"code": 0.3, "text": 0.7}), (3, {"code": 0.2, "text": 0.1, "markup": 0.7})],
+        global_batch_size=10,
+    )
+    planned = config.rows_per_source(range(6))
+    assert planned[:3, 2].sum() == 0 and planned[3:, 2].sum() == 21
+    for step, batch in enumerate(take(config.host_batches(), 6)):
+        assert np.bincount(batch["source_id"], minlength=3).tolist() == planned[step].tolist()
+
+
+AWKWARD = [
+    (0, {"code": 0.3333333, "text": 0.3333333, "markup": 0.3333333}),  # sums to 0.9999999
+    (20_000, {"code": 0.1, "text": 0.2, "markup": 0.7000009}),  # sums to 1.0000009
+    (35_000, {"code": 0.0, "text": 0.9999995, "markup": 0.0000005}),
+    (45_000, {"code": 0.9999991}),  # one source alone
+]
+
+
+@pytest.mark.parametrize("batch_size", [512, 24])
+def test_row_counts_are_exact_for_any_accepted_shares(local_data, batch_size):
+    """Over 60,000 batches: each has exactly ``batch_size`` rows, and within a phase every
+    source's running row count stays within one row of its share of the rows so far."""
+    config = mixture(local_data, shares=None, phases=AWKWARD, global_batch_size=batch_size)
+    counts = config.rows_per_source(range(60_000))
+    assert (counts >= 0).all()
+    assert (counts.sum(axis=1) == batch_size).all()
+    ends = [start for start, _ in AWKWARD[1:]] + [len(counts)]
+    for (start, shares), end in zip(AWKWARD, ends, strict=True):
+        share = np.array([shares.get(name, 0.0) for name in SOURCES]) / sum(shares.values())
+        so_far = np.cumsum(counts[start:end], axis=0)
+        batches_so_far = np.arange(1, end - start + 1)[:, None]
+        assert np.abs(so_far - share * batches_so_far * batch_size).max() <= 1.0
+        assert (counts[start:end, share == 0] == 0).all()
 
 
 def test_hosts_read_disjoint_rows(local_data):
@@ -180,6 +220,7 @@ def test_missing_corpus_or_vocab_names_the_path_and_the_fix(local_data, tmp_path
     ("overrides", "message"),
     [
         ({"shares": {"code": 0.5, "text": 0.4}}, "sum to 1"),
+        ({"shares": {"code": 0.6, "text": 0.4000011}}, "sum to 1"),
         ({"shares": {"code": 0.5, "video": 0.5}}, "'video'"),
         ({"shares": {"code": 1.5, "text": -0.5}}, ">= 0"),
         ({"seq_len": 0}, "seq_len"),
