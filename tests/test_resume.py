@@ -71,7 +71,7 @@ def test_checkpoint_of_another_model_is_refused(local_data, tmp_path):
     state = {"w": jnp.zeros(2)}
     checkpoints.save(1, state=state, batches=batches, meta={"ModelConfig": {"d_model": 64}})
     checkpoints.close()
-    with pytest.raises(CheckpointMismatchError, match="ModelConfig.d_model: saved 64 vs now 128"):
+    with pytest.raises(CheckpointMismatchError, match=r"ModelConfig\.d_model: saved 64 vs now 128"):
         Checkpoints(str(tmp_path / "ckpt"), save_every=1).restore(
             1, abstract_state=state, batches=batches, meta={"ModelConfig": {"d_model": 128}}
         )
