@@ -1,4 +1,4 @@
-"""Subprocess helper for test_sharding: train a tiny model 2 steps under each mesh, print losses.
+"""Subprocess helper for test_sharding: train a tiny model 3 steps under each mesh, print metrics.
 
 Run as ``python tests/mesh_losses.py '<json list of make_mesh kwargs>'``; it needs its own process
 because the 8 fake CPU devices must be configured before JAX starts.
@@ -30,12 +30,15 @@ CONFIG = ModelConfig(
 
 
 def packed_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """8 rows of 32 tokens, each row holding two documents split at a random point."""
-    targets = rng.integers(3, CONFIG.vocab_size, size=(8, 32), dtype=np.int32)
-    split = rng.integers(4, 28, size=(8, 1))
+    """8 rows of 32 tokens: two documents split at a random point, then row i's last i tokens are
+    padding. Every row then has its own token count, so a lost or repeated row shows in the
+    per-source token counts."""
     index = np.arange(32)[None, :]
-    segment_ids = np.where(index < split, 1, 2).astype(np.int32)
-    positions = np.where(index < split, index, index - split).astype(np.int32)
+    split = rng.integers(4, 20, size=(8, 1))
+    real = index < 32 - np.arange(8)[:, None]
+    segment_ids = np.where(real, np.where(index < split, 1, 2), 0).astype(np.int32)
+    positions = np.where(real, np.where(index < split, index, index - split), 0).astype(np.int32)
+    targets = np.where(real, rng.integers(3, CONFIG.vocab_size, size=(8, 32)), 0).astype(np.int32)
     inputs = np.where(positions == 0, 0, np.roll(targets, 1, axis=1)).astype(np.int32)
     source_id = (np.arange(8) % 2).astype(np.int32)
     return dict(
@@ -47,7 +50,8 @@ def packed_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
     )
 
 
-def losses_on(mesh_kwargs: dict) -> list[float]:
+def metrics_on(mesh_kwargs: dict) -> dict[str, list]:
+    """Per step: the mean loss and the train step's grad norm, per-source loss sums and tokens."""
     devices = jax.devices()[: mesh_kwargs.pop("num_devices", 8)]
     mesh = sharding.make_mesh(devices=devices, **mesh_kwargs)
     rules = sharding.logical_axis_rules()
@@ -60,18 +64,23 @@ def losses_on(mesh_kwargs: dict) -> list[float]:
         step = make_train_step(
             model=model, tx=tx, num_sources=2, state_shardings=shardings, mesh=mesh
         )
-        losses = []
+        steps = []
         for _ in range(3):  # The same batch thrice: the loss must fall as the model fits it.
             state, metrics = step(state, global_batch(batch, mesh))
-            losses.append(float(metrics["loss_sum"] / metrics["tokens"]))
-    return losses
+            steps.append(jax.device_get(metrics))
+    return {
+        "loss": [float(m["loss_sum"] / m["tokens"]) for m in steps],
+        "grad_norm": [float(m["grad_norm"]) for m in steps],
+        "source_loss_sum": [m["source_loss_sum"].tolist() for m in steps],
+        "source_tokens": [m["source_tokens"].tolist() for m in steps],
+    }
 
 
 def main() -> None:
     results = []
     for mesh_kwargs in json.loads(sys.argv[1]):
         try:
-            results.append({"losses": losses_on(dict(mesh_kwargs))})
+            results.append(metrics_on(dict(mesh_kwargs)))
         except sharding.ShardingError as error:
             results.append({"error": str(error)})
     print("RESULT " + json.dumps(results))

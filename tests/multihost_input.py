@@ -1,12 +1,11 @@
 """One process of test_multihost: read this host's input, assemble global batches, checkpoint
-and resume the input, and save what it saw.
+and resume the input, read a small corpus for more than an epoch, and save what it saw.
 
-Run as ``python tests/multihost_input.py PROCESS_ID PORT CORPUS_DIR VOCAB_PATH OUT_DIR``; two such
-processes form one JAX cluster on localhost (2 CPU devices each).
+Run as ``python tests/multihost_input.py PROCESS_ID PORT CORPUS_DIR SMALL_CORPUS_DIR VOCAB_PATH
+OUT_DIR``; two such processes form one JAX cluster on localhost (2 CPU devices each).
 """
 
 import functools
-import hashlib
 import sys
 
 import jax
@@ -14,48 +13,26 @@ import jax
 jax.config.update("jax_num_cpu_devices", 2)
 
 import numpy as np  # noqa: E402
-import seqio  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from codemix_jax import sharding  # noqa: E402
 from codemix_jax.checkpoint import Checkpoints  # noqa: E402
-from codemix_jax.data import MixtureInput  # noqa: E402
+from codemix_jax.data import MixtureInput, load_vocab  # noqa: E402
+from codemix_jax.data.corpus import read_documents  # noqa: E402
 from codemix_jax.data.sources import local_sources  # noqa: E402
 from codemix_jax.train_state import global_batch  # noqa: E402
 
 STEPS = 6
 META = {"model_config": {"d_model": 8}}
+MAX_EPOCH_STEPS = 500
 
 
-def document_hashes(sources, vocab_path: str) -> dict[str, list[str]]:
-    """Hashes of the raw documents this host's shard of each source holds (one pass)."""
-    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
-    hashes = {}
-    for source in sources:
-        # The training Task's own data source and seqio's own sharding, minus the preprocessing.
-        documents = seqio.Task(
-            f"{source.name}_documents",
-            source=source.task(vocab_path=vocab_path).source,
-            output_features={},
-            preprocessors=[],
-        )
-        records = documents.get_dataset(
-            sequence_length=None, split="train", shuffle=False, shard_info=shard, num_epochs=1
-        )
-        hashes[source.name] = [
-            hashlib.sha256(record[source.text_feature]).hexdigest()
-            for record in records.as_numpy_iterator()
-        ]
-    return hashes
-
-
-def main() -> None:
-    process_id, port, corpus_dir, vocab_path, out_dir = sys.argv[1:]
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process_id))
+def assemble_and_resume(corpus_dir: str, vocab_path: str, out_dir: str) -> dict[str, np.ndarray]:
+    """Host rows and the assembled global rows of STEPS batches, then the next 3 host batches
+    both straight on and after a two-process checkpoint and resume."""
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
-    sources = local_sources(corpus_dir=corpus_dir)
     dataset = MixtureInput(
-        sources=sources,
+        sources=local_sources(corpus_dir=corpus_dir),
         vocab_path=vocab_path,
         shares={"code": 0.5, "text": 0.3, "markup": 0.2},
         seq_len=32,
@@ -82,15 +59,59 @@ def main() -> None:
         STEPS, abstract_state={"rows": assembled}, batches=resumed, meta=META
     )
     after_restore = [next(resumed)["targets"] for _ in range(3)]
-
-    hashes = document_hashes(sources, vocab_path)
-    np.savez(
-        f"{out_dir}/process_{jax.process_index()}.npz",
+    return dict(
         host_rows=np.stack(host_rows),
         global_rows=np.stack(global_rows),
         after_save=np.stack(after_save),
         after_restore=np.stack(after_restore),
-        **{f"docs_{name}": np.array(values) for name, values in hashes.items()},
+    )
+
+
+def deliver_an_epoch(corpus_dir: str, vocab_path: str) -> dict[str, np.ndarray]:
+    """This host's batches of a small corpus until it has read at least one epoch of its shard of
+    every source: as many tokens of each source as the whole source holds.
+
+    The sources' row shuffle is off (a buffer of one row): it only reorders rows within one
+    host's stream of one source, and documents can be read back only from rows in packing order.
+    """
+    sources = local_sources(corpus_dir=corpus_dir)
+    dataset = MixtureInput(
+        sources=sources,
+        vocab_path=vocab_path,
+        shares={"code": 0.5, "text": 0.25, "markup": 0.25},
+        seq_len=256,
+        global_batch_size=16,
+        shuffle_buffer_size=1,
+    )
+    batches = dataset.host_batches(
+        process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    epoch = np.array([source_tokens(corpus_dir, s.name, vocab_path) for s in sources])
+    delivered, seen = [], np.zeros(len(sources), np.int64)
+    while (seen < epoch).any():
+        assert len(delivered) < MAX_EPOCH_STEPS, f"no full epoch in {MAX_EPOCH_STEPS} steps"
+        delivered.append(next(batches))
+        seen += np.bincount(delivered[-1]["source_id"], minlength=len(sources)) * dataset.seq_len
+    return {
+        f"delivered_{name}": np.stack([batch[name] for batch in delivered])
+        for name in ("targets", "segment_ids", "source_id")
+    }
+
+
+def source_tokens(corpus_dir: str, source: str, vocab_path: str) -> int:
+    """Tokens of a source's train split, one EOS per document included."""
+    vocab = load_vocab(vocab_path)
+    documents = read_documents(corpus_dir=corpus_dir, source=source, split="train")
+    return sum(len(vocab.encode(text)) + 1 for text in documents)
+
+
+def main() -> None:
+    process_id, port, corpus_dir, small_corpus_dir, vocab_path, out_dir = sys.argv[1:]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process_id))
+    np.savez(
+        f"{out_dir}/process_{jax.process_index()}.npz",
+        **assemble_and_resume(corpus_dir, vocab_path, out_dir),
+        **deliver_an_epoch(small_corpus_dir, vocab_path),
     )
     jax.distributed.shutdown()
 

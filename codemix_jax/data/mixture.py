@@ -37,6 +37,8 @@ class MixtureInput:
       shares: source name -> share of tokens, for the whole run (or use ``phases``).
       phases: ``[(start_step, shares), ...]`` starting at step 0: the mixture changes at those
         steps (e.g. paper B's four-phase dynamic mixing).
+      shuffle_buffer_size: packed rows of each source shuffled on each host before mixing (more
+        on a pod host with memory to spare; 1 keeps packing order).
       num_threads: tf.data thread pool size (a few on a small host, more on a pod host).
     """
 
@@ -48,10 +50,11 @@ class MixtureInput:
     phases: Sequence[Phase] | None = None
     seed: int = 0
     split: str = "train"
+    shuffle_buffer_size: int = 256
     num_threads: int = 2
 
     def __post_init__(self) -> None:
-        for field in ("seq_len", "global_batch_size", "num_threads"):
+        for field in ("seq_len", "global_batch_size", "shuffle_buffer_size", "num_threads"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         names = [source.name for source in self.sources]
@@ -134,6 +137,7 @@ class MixtureInput:
                 for start, shares in self.schedule
             ],
             "seed": self.seed,
+            "shuffle_buffer_size": self.shuffle_buffer_size,
         }
 
     def _read_indices(self) -> np.ndarray:
@@ -176,6 +180,7 @@ class MixtureInput:
             sequence_length={"targets": self.seq_len},
             split=self.split,
             shuffle=True,
+            shuffle_buffer_size=self.shuffle_buffer_size,
             seed=self.seed,
             shard_info=shard,
             num_epochs=None,

@@ -14,8 +14,6 @@ import tensorflow as tf
 from codemix_jax.data.packing import pack_rows
 from codemix_jax.data.vocab import load_vocab
 
-SHUFFLE_BUFFER_SIZE = 256  # packed rows; get_dataset(shuffle_buffer_size=...) overrides it
-
 _tokenize_and_append_eos = functools.partial(
     seqio.preprocessors.tokenize_and_append_eos, copy_pretokenized=False
 )
@@ -40,7 +38,6 @@ def packed_task(
             to_ids,
             _pack,
         ],
-        shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
     )
 
 
