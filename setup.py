@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],
+        # libtpu: run on TPU VMs, and compile for TPU topologies on any host (`codemix aot`).
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
     },
     entry_points={"console_scripts": ["codemix=codemix_jax.cli:main"]},
 )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import gin
 import jax
 
-from codemix_jax import gin_config
+from codemix_jax import aot, gin_config
 from codemix_jax.data import MixtureInput, build_local_corpus, train_vocab
 from codemix_jax.data.ingest import ingest
 from codemix_jax.data.report import mixture_report, report_json, report_table
@@ -83,6 +83,18 @@ def _mixture_report(args: argparse.Namespace) -> None:
     print(json.dumps(report_json(report)) if args.json else report_table(report))
 
 
+def _aot(args: argparse.Namespace) -> None:
+    report, compiled = aot.aot_compile(
+        gin_files=args.gin_file,
+        gin_bindings=args.gin_bindings,
+        accelerator=args.topology,
+        num_slices=args.num_slices,
+    )
+    print(json.dumps(report.as_json()) if args.json else aot.format_report(report))
+    if args.save_compiled and compiled is not None:
+        aot.save_compiled(compiled, args.save_compiled)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codemix", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
         "teaches a broken document; 0 = no limit",
     )
     ingest_cmd.set_defaults(run=_ingest)
+
+    aot_cmd = commands.add_parser(
+        "aot", help="compile the train step for a TPU slice on this host: per-chip memory, fits?"
+    )
+    _add_gin_flags(aot_cmd)
+    aot_cmd.add_argument("--topology", required=True, help="TPU slice, e.g. v5e-256, v5p-512")
+    aot_cmd.add_argument("--num_slices", type=int, default=1, help="slices over DCN")
+    aot_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    aot_cmd.add_argument(
+        "--save_compiled", help="write the compiled step here (serialized executable)"
+    )
+    aot_cmd.set_defaults(run=_aot)
 
     report_cmd = commands.add_parser(
         "mixture-report", help="token shares a gin mixture delivers vs. the configured ones"

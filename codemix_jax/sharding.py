@@ -88,20 +88,27 @@ def make_mesh(
     Within a slice the axes multiply to the slice's device count; ``-1`` fills the rest.
     """
     devices = list(devices if devices is not None else jax.devices())
-    if len(devices) % dcn_data:
-        raise ShardingError(f"dcn_data={dcn_data} does not divide the {len(devices)} devices")
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices != dcn_data:
+        raise ShardingError(
+            f"the {len(devices)} devices span {slices} slice(s) but make_mesh.dcn_data={dcn_data}"
+        )
     ici = resolve_axis_sizes(
         {"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices) // dcn_data
     )
     ici_shape = tuple(ici[name] for name in MESH_AXES)
     if dcn_data > 1:
         device_grid = mesh_utils.create_hybrid_device_mesh(
-            ici_shape, (dcn_data, 1, 1), devices=devices
+            ici_shape, (dcn_data, 1, 1), devices=devices, allow_split_physical_axes=True
         )
     elif devices[0].platform == "cpu":
         device_grid = np.asarray(devices).reshape(ici_shape)
     else:
-        device_grid = mesh_utils.create_device_mesh(ici_shape, devices=devices)
+        # Keeps each mesh axis on a ring of the torus where it can; a 64 x 4 mesh on a 16 x 16
+        # slice needs a physical axis split in two.
+        device_grid = mesh_utils.create_device_mesh(
+            ici_shape, devices=devices, allow_split_physical_axes=True
+        )
     return Mesh(device_grid, MESH_AXES)
 
 

@@ -1,0 +1,318 @@
+"""Ahead-of-time compilation of the train step for a TPU slice, on any host (`codemix aot`).
+
+Renting a pod to learn that a config runs out of HBM is expensive. libtpu can describe a TPU
+topology without the hardware (``jax.experimental.topologies``); the exact step that `codemix
+train` would run (same gin, same state layout, same step function) is lowered onto those devices
+and compiled by the real TPU compiler, whose memory analysis gives the per-chip need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import math
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import tensorflow as tf
+from flax import linen as nn
+from jax.experimental import serialize_executable, topologies
+
+from codemix_jax import gin_config, sharding
+from codemix_jax.model import Transformer, training_flops_per_token
+from codemix_jax.train_state import make_train_step, state_layout
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """What a name like ``v5e-256`` needs to become a libtpu topology, and the chip's budget."""
+
+    topology_prefix: str  # libtpu's name: "v5e" in "v5e:16x16"
+    chip_config: str  # "megacore" fuses a v4 chip's two TensorCores into one JAX device
+    cores_per_chip_in_name: int  # v4-N and v5p-N count TensorCores, v5e-N and v6e-N chips
+    shapes: dict[int, tuple[int, ...]]  # chips in the slice -> physical chip grid
+    hbm_bytes: int  # per chip, as the TPU compiler budgets it
+    peak_flops: float  # dense bf16 per chip (data sheet)
+    full_torus: int  # axes of this many chips or more wrap around
+
+
+_GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+            256: (16, 16)}  # fmt: skip
+_GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+            128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
+            2048: (8, 16, 16), 4096: (16, 16, 16)}  # fmt: skip
+
+# One table: every accelerator name `codemix aot` and the planner accept maps through it.
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("v4", "megacore", 2, _GRID_3D, 32 * GIB, 275e12, 4),
+    "v5e": TpuGeneration("v5e", "default", 1, _GRID_2D, int(15.75 * GIB), 197e12, 16),
+    "v5p": TpuGeneration("v5p", "default", 2, _GRID_3D, 95 * GIB, 459e12, 4),
+    "v6e": TpuGeneration("v6e", "default", 1, _GRID_2D, int(31.25 * GIB), 918e12, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    accelerator: str
+    generation: TpuGeneration
+    chip_grid: tuple[int, ...]
+    num_slices: int
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.chip_grid) * self.num_slices
+
+    def devices(self) -> list[jax.Device]:
+        """Compile-only devices of this slice (or slices); they can compile but not run."""
+        grid = self.chip_grid
+        # Compiling touches no chip, so libtpu's one-process-per-host lock is not needed.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        description = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=f"{self.generation.topology_prefix}:{'x'.join(map(str, grid))}",
+            chip_config_name=self.generation.chip_config,
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=self.num_slices,
+            wrap=tuple(size >= self.generation.full_torus for size in (*grid, 1)[:3]),
+        )
+        return list(description.devices)
+
+
+def tpu_slice(accelerator: str, *, num_slices: int = 1) -> TpuSlice:
+    """``v5e-256`` (and ``num_slices`` of it) -> its chip grid; a clear error for unknown names."""
+    match = re.fullmatch(r"(v\d+[a-z]?)-(\d+)", accelerator)
+    generation = TPU_GENERATIONS.get(match.group(1)) if match else None
+    if generation is None:
+        raise ValueError(
+            f"unknown TPU accelerator {accelerator!r}: expected <generation>-<size> with "
+            f"generation one of {sorted(TPU_GENERATIONS)}, e.g. v5e-256"
+        )
+    chips, remainder = divmod(int(match.group(2)), generation.cores_per_chip_in_name)
+    if remainder or chips not in generation.shapes:
+        sizes = sorted(c * generation.cores_per_chip_in_name for c in generation.shapes)
+        raise ValueError(f"no {match.group(1)} slice of size {match.group(2)}; known: {sizes}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    return TpuSlice(accelerator, generation, generation.shapes[chips], num_slices)
+
+
+@dataclasses.dataclass(frozen=True)
+class AotReport:
+    """Per-chip memory of one compiled train step against the chip's HBM."""
+
+    accelerator: str
+    num_slices: int
+    chips: int
+    mesh: dict[str, int]
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    hbm_bytes: int
+    compiled_flops: float | None  # per chip; a scanned layer body counts once
+    model_flops: float  # per chip per step: 6N + attention, as in MFU
+    vocab_size: int
+    remat: bool
+    out_of_memory: bool = False  # the TPU compiler refused the step
+    largest_buffers: tuple[str, ...] = ()  # from the compiler's memory report, when it refused
+
+    @property
+    def total_bytes(self) -> int:
+        """What the step holds at its peak: inputs + outputs (donated ones once) + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool:
+        return not self.out_of_memory and self.total_bytes <= self.hbm_bytes
+
+    def as_json(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return {**fields, "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+def aot_compile(
+    *,
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str] = (),
+    accelerator: str,
+    num_slices: int = 1,
+) -> tuple[AotReport, jax.stages.Compiled | None]:
+    """Compile `codemix train`'s step for ``accelerator``; the report says whether it fits.
+
+    A step that does not fit makes the TPU compiler fail; that becomes a report with
+    ``fits = False``, the compiler's requirement and its list of the largest buffers.
+    """
+    tpu = tpu_slice(accelerator, num_slices=num_slices)
+    extra = [f"make_mesh.dcn_data = {num_slices}"] if num_slices > 1 else []
+    gin_config.parse(gin_files, [*gin_bindings, *extra])
+    # The gin file's mesh, laid out on the slice's devices; everything else exactly as in train.
+    gin.bind_parameter("train.mesh", sharding.make_mesh(devices=tpu.devices()))
+    args = gin.get_bindings("train")
+    dataset, mesh, rules = args["dataset"], args["mesh"], args["rules"]
+    sharding.check_batch_divisible(dataset.global_batch_size, mesh)
+    model = Transformer(args["model_config"])
+    tx = args["optimizer"](args["learning_rate"])
+    with nn.logical_axis_rules(rules):
+        abstract_state, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = make_train_step(
+            model=model,
+            tx=tx,
+            num_sources=len(dataset.source_names),
+            state_shardings=shardings,
+            mesh=mesh,
+        )
+        lowered = step.lower(abstract_state, abstract_batch(dataset, mesh))
+    model_flops = (
+        training_flops_per_token(args["model_config"], dataset.seq_len)
+        * dataset.global_batch_size
+        * dataset.seq_len
+        / tpu.chips
+    )
+    base = {
+        "accelerator": accelerator,
+        "num_slices": num_slices,
+        "chips": tpu.chips,
+        "mesh": dict(mesh.shape),
+        "hbm_bytes": tpu.generation.hbm_bytes,
+        "model_flops": model_flops,
+        "vocab_size": args["model_config"].vocab_size,
+        "remat": args["model_config"].remat,
+    }
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return _out_of_memory_report(lowered, str(error), base), None
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    report = AotReport(
+        **base,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        compiled_flops=(cost or {}).get("flops"),
+    )
+    return report, compiled
+
+
+def abstract_batch(dataset, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch `codemix train` feeds the step: shapes, dtypes and shardings only."""
+    rows, length = dataset.global_batch_size, dataset.seq_len
+    shapes = {
+        "inputs": (rows, length),
+        "targets": (rows, length),
+        "segment_ids": (rows, length),
+        "positions": (rows, length),
+        "source_id": (rows,),
+    }
+    return {
+        name: jax.ShapeDtypeStruct(
+            shape, jnp.int32, sharding=sharding.batch_sharding(mesh, len(shape))
+        )
+        for name, shape in shapes.items()
+    }
+
+
+def _out_of_memory_report(lowered: jax.stages.Lowered, message: str, base: dict) -> AotReport:
+    """The compiler's need and budget from its message ('... HLO temporaries (17.70G) exceeds
+    available HBM (15.75G)'), and its largest allocations from a memory-usage dump."""
+    found = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", message)
+    with tempfile.TemporaryDirectory() as dump_dir:
+        # Compiling again with a dump fails the same way, after writing the report.
+        with contextlib.suppress(jax.errors.JaxRuntimeError):
+            lowered.compile(compiler_options={"xla_dump_to": dump_dir})
+        reports = glob.glob(os.path.join(dump_dir, "*memory-usage-report.txt"))
+        buffers = _largest_allocations(reports[0]) if reports else ()
+    if found:
+        base = {**base, "hbm_bytes": _bytes(found.group(3), found.group(4))}
+    return AotReport(
+        **base,
+        argument_bytes=0,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=_bytes(found.group(1), found.group(2)) if found else 0,
+        compiled_flops=None,
+        out_of_memory=True,
+        largest_buffers=buffers,
+    )
+
+
+def _largest_allocations(path: str, count: int = 5) -> tuple[str, ...]:
+    """'15.62GiB: bf16[2,16,8192,8192], ...' for the ``count`` largest allocations."""
+    with open(path) as f:
+        rows = [line.split(";") for line in f if line.count(";") >= 4]
+    return tuple(
+        f"{size.strip()}: {shapes.strip()}" for _, size, _, _, shapes in rows[1 : count + 1]
+    )
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * 1024 ** "BKMGT".index(unit))
+
+
+def advice(report: AotReport) -> list[str]:
+    """Which knob would help, read from the largest buffers' shapes."""
+    if report.fits:
+        return []
+    shapes = " ".join(report.largest_buffers).replace(" ", "")
+    tips = []
+    if re.search(r"\[\d+,\d+,(\d+),\1\]", shapes):
+        tips.append("dense [b, heads, l, l] attention scores: a memory-efficient attention kernel")
+    if re.search(rf",{report.vocab_size}\]", shapes):
+        tips.append("full [b, l, vocab] logits: the chunked cross-entropy")
+    if not report.remat:
+        tips.append("ModelConfig.remat = True (recompute activations in the backward pass)")
+    tips += [
+        "fewer sequences per chip: a smaller MixtureInput.global_batch_size or more chips",
+        "more of the mesh on fsdp (params and optimizer state sharded over more chips)",
+    ]
+    return tips
+
+
+def format_report(report: AotReport) -> str:
+    """The table `codemix aot` prints."""
+    share = f"{100 * report.total_bytes / report.hbm_bytes:.0f} %"
+    lines = [
+        f"{report.accelerator} x{report.num_slices} ({report.chips} chips), mesh {report.mesh}"
+    ]
+    if report.out_of_memory:
+        lines.append(
+            f"  the compiler needs {_gib(report.total_bytes)} per chip of {_gib(report.hbm_bytes)}"
+            f" HBM ({share}): DOES NOT FIT"
+        )
+    else:
+        lines += [
+            f"  arguments   {_gib(report.argument_bytes)} per chip",
+            f"  outputs     {_gib(report.output_bytes)} (donated: {_gib(report.alias_bytes)})",
+            f"  temporaries {_gib(report.temp_bytes)}",
+            f"  total       {_gib(report.total_bytes)} of {_gib(report.hbm_bytes)} HBM ({share}): "
+            + ("fits" if report.fits else "DOES NOT FIT"),
+            f"  compiled    {report.compiled_flops or 0:.3e} FLOPs (a scanned layer counted once)",
+        ]
+    lines.append(f"  model FLOPs {report.model_flops:.3e} per chip per step")
+    lines += [f"  largest: {buffer}" for buffer in report.largest_buffers]
+    lines += [f"  try: {tip}" for tip in advice(report)]
+    return "\n".join(lines)
+
+
+def _gib(size: float) -> str:
+    return f"{size / GIB:8.2f} GiB" if size >= GIB / 10 else f"{size / 2**20:8.2f} MiB"
+
+
+def save_compiled(compiled: jax.stages.Compiled, path: str) -> None:
+    """The serialized executable with its argument and result trees, for a fast start on the pod."""
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
