@@ -7,6 +7,7 @@ skipped with that reason. Nothing here runs on a TPU: libtpu describes the topol
 import itertools
 import json
 import logging
+import pickle
 
 import gin
 import numpy as np
@@ -123,3 +124,14 @@ def test_batch_that_does_not_divide_the_mesh_is_named(caplog):
         code = cli.main(["aot", "--gin_file", SMOKE, "--topology", "v5e-256"])
     assert code == 2
     assert "global batch size 32 does not divide the data*fsdp mesh size 256" in caplog.text
+
+
+def test_compiled_step_can_be_saved(capsys, tmp_path):
+    path = tmp_path / "step.pkl"
+    args = ["aot", "--gin_file", SMOKE, "--topology", "v5e-4", "--save_compiled", str(path)]
+    assert cli.main(args) == 0
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    assert set(saved) == {"executable", "in_tree", "out_tree"}
+    assert len(saved["executable"]) > 10_000  # a real serialized TPU executable
+    assert saved["in_tree"].num_leaves > 5  # state and batch leaves
