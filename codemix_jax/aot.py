@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import inspect
 import math
 import os
 import pickle
@@ -26,8 +27,8 @@ from flax import linen as nn
 from jax.experimental import serialize_executable, topologies
 
 from codemix_jax import gin_config, sharding
-from codemix_jax.model import Transformer, training_flops_per_token
-from codemix_jax.train_state import make_train_step, state_layout
+from codemix_jax.model import training_flops_per_token
+from codemix_jax.train_state import build_train_program
 
 GIB = 2**30
 
@@ -157,21 +158,11 @@ def aot_compile(
     # The gin file's mesh, laid out on the slice's devices; everything else exactly as in train.
     gin.bind_parameter("train.mesh", sharding.make_mesh(devices=tpu.devices()))
     args = gin.get_bindings("train")
-    dataset, mesh, rules = args["dataset"], args["mesh"], args["rules"]
-    sharding.check_batch_divisible(dataset.global_batch_size, mesh)
-    model = Transformer(args["model_config"])
-    tx = args["optimizer"](args["learning_rate"])
-    with nn.logical_axis_rules(rules):
-        abstract_state, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = make_train_step(
-            model=model,
-            tx=tx,
-            num_sources=len(dataset.source_names),
-            state_shardings=shardings,
-            mesh=mesh,
-        )
-        lowered = step.lower(abstract_state, abstract_batch(dataset, mesh))
+    dataset, mesh = args["dataset"], args["mesh"]
+    wanted = inspect.signature(build_train_program).parameters
+    with jax.set_mesh(mesh), nn.logical_axis_rules(args["rules"]):
+        program = build_train_program(**{k: v for k, v in args.items() if k in wanted})
+        lowered = program.step.lower(program.abstract_state, abstract_batch(dataset, mesh))
     model_flops = (
         training_flops_per_token(args["model_config"], dataset.seq_len)
         * dataset.global_batch_size
@@ -269,13 +260,13 @@ def advice(report: AotReport) -> list[str]:
     shapes = " ".join(report.largest_buffers).replace(" ", "")
     tips = []
     if re.search(r"\[\d+,\d+,(\d+),\1\]", shapes):
-        tips.append("dense [b, heads, l, l] attention scores: a memory-efficient attention kernel")
+        tips.append("dense [b, heads, l, l] attention scores: ModelConfig.attention = 'splash'")
     if re.search(rf",{report.vocab_size}\]", shapes):
-        tips.append("full [b, l, vocab] logits: the chunked cross-entropy")
+        tips.append("full [b, l, vocab] logits: token_losses.chunk_size = 512 (chunked loss)")
     if not report.remat:
         tips.append("ModelConfig.remat = True (recompute activations in the backward pass)")
     tips += [
-        "fewer sequences per chip: a smaller MixtureInput.global_batch_size or more chips",
+        "fewer rows per pass: train.microbatches = 2, 4, ... (the same update)",
         "more of the mesh on fsdp (params and optimizer state sharded over more chips)",
     ]
     return tips

@@ -57,7 +57,9 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 # Settings a resumed run may change: they change how the model runs, not what it computes.
-RUNTIME_ONLY_FIELDS = frozenset({("ModelConfig", "dtype"), ("ModelConfig", "remat")})
+RUNTIME_ONLY_FIELDS = frozenset(
+    {("ModelConfig", "dtype"), ("ModelConfig", "remat"), ("ModelConfig", "attention")}
+)
 
 
 class CheckpointMismatchError(ValueError):

@@ -16,8 +16,8 @@ from codemix_jax import gin_config, sharding
 from codemix_jax.checkpoint import Checkpoints, run_identity
 from codemix_jax.data import MixtureInput
 from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
-from codemix_jax.model import ModelConfig, Transformer, training_flops_per_token
-from codemix_jax.train_state import global_batch, init_train_state, make_train_step, state_layout
+from codemix_jax.model import ModelConfig, training_flops_per_token
+from codemix_jax.train_state import build_train_program, global_batch, init_train_state
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def train(
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 3,
     seed: int = 0,
+    microbatches: int = 1,
 ) -> dict[str, float]:
     """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
@@ -49,39 +50,40 @@ def train(
       optimizer: builds the optax transformation from the schedule.
       checkpoint_every: save params, optimizer and input position every this many steps (and at
         the end); the newest ``keep_checkpoints`` are kept.
+      microbatches: take each global batch in this many passes, summing gradients (less
+        activation memory, the same update); must divide every host's and device's rows.
     Returns:
       The scalars of the last logged step (empty if there was nothing left to train).
     """
-    _check_compatible(model_config, dataset, mesh)
-    model = Transformer(model_config)
-    tx = optimizer(learning_rate)
-    batches = dataset.host_batches(
-        process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    checkpoints = Checkpoints(
-        os.path.join(run_dir, "checkpoints"), save_every=checkpoint_every, keep=keep_checkpoints
-    )
-    meta = run_identity(
-        model_config=model_config, input_settings=dataset.stream_settings(), seed=seed
-    )
-    scalars: dict[str, float] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_state, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)
+        program = build_train_program(
+            model_config=model_config,
+            dataset=dataset,
+            mesh=mesh,
+            rules=rules,
+            learning_rate=learning_rate,
+            optimizer=optimizer,
+            microbatches=microbatches,
+        )
+        batches = dataset.host_batches(
+            process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        checkpoints = Checkpoints(
+            os.path.join(run_dir, "checkpoints"), save_every=checkpoint_every, keep=keep_checkpoints
+        )
+        meta = run_identity(
+            model_config=model_config, input_settings=dataset.stream_settings(), seed=seed
+        )
         start_step = checkpoints.latest_step() or 0
         if start_step:
             log.info("resuming from the checkpoint at step %d", start_step)
             state = checkpoints.restore(
-                start_step, abstract_state=abstract_state, batches=batches, meta=meta
+                start_step, abstract_state=program.abstract_state, batches=batches, meta=meta
             )
         else:
-            state = init_train_state(model=model, tx=tx, shardings=shardings, seed=seed)
-        train_step = make_train_step(
-            model=model,
-            tx=tx,
-            num_sources=len(dataset.source_names),
-            state_shardings=shardings,
-            mesh=mesh,
-        )
+            state = init_train_state(
+                model=program.model, tx=program.tx, shardings=program.shardings, seed=seed
+            )
         gin_config.write_operative_config(run_dir)
         writer = MetricsWriter(run_dir)
         logger = IntervalLogger(
@@ -101,20 +103,11 @@ def train(
         if start_step >= num_steps:
             log.warning("%s already holds step %d; nothing to train", run_dir, start_step)
         log.info("training steps %d..%d on mesh %s", start_step + 1, num_steps, dict(mesh.shape))
+        scalars: dict[str, float] = {}
         for step in range(start_step + 1, num_steps + 1):
-            state, metrics = train_step(state, global_batch(next(batches), mesh))
+            state, metrics = program.step(state, global_batch(next(batches), mesh))
             scalars = logger.add(step, metrics) or scalars
             checkpoints.save(step, state=state, batches=batches, meta=meta, force=step == num_steps)
     checkpoints.close()
     writer.close()
     return scalars
-
-
-def _check_compatible(model_config: ModelConfig, dataset: MixtureInput, mesh: Mesh) -> None:
-    """Fail before any data is read or anything compiled."""
-    if dataset.seq_len > model_config.max_seq_len:
-        raise ValueError(
-            f"dataset seq_len {dataset.seq_len} exceeds "
-            f"model max_seq_len {model_config.max_seq_len}"
-        )
-    sharding.check_batch_divisible(dataset.global_batch_size, mesh)

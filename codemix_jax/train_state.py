@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -12,7 +14,11 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codemix_jax import sharding
-from codemix_jax.model import Transformer, init_params
+from codemix_jax.data import MixtureInput
+from codemix_jax.microbatches import accumulate_gradients, check_microbatches
+from codemix_jax.model import ModelConfig, Transformer, init_params
+from codemix_jax.model.attention import check_attention
+from codemix_jax.model.loss import real_targets, token_losses
 
 Batch = dict[str, jax.Array]
 
@@ -42,7 +48,9 @@ def state_layout(
     A layout error (a dimension that does not divide its mesh axes) surfaces here, before any
     compilation of the real model. The abstract state is also the target a checkpoint restores into.
     """
-    boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r), jax.random.key(0))
+    # The key is made inside eval_shape: an eager one would need a device that can run code,
+    # which compile-only TPU devices (`codemix aot`) are not.
+    boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0)))
     shardings = sharding.logical_to_shardings(boxed, mesh, rules, what="parameter")
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -64,19 +72,6 @@ def init_train_state(
     return init(jax.random.key(seed))
 
 
-def _token_losses(model: Transformer, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross entropy and the mask of real (non-padding) target tokens."""
-    logits = model.apply(
-        {"params": params},
-        batch["inputs"],
-        segment_ids=batch["segment_ids"],
-        positions=batch["positions"],
-    )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
-    return losses * mask, mask
-
-
 def make_train_step(
     *,
     model: Transformer,
@@ -84,28 +79,48 @@ def make_train_step(
     num_sources: int,
     state_shardings: TrainState,
     mesh: Mesh,
+    microbatches: int = 1,
 ):
     """A jitted, state-donating step returning (new_state, summable metrics).
+
+    The loss is gin's ``token_losses`` (full or chunked logits), averaged over every real target
+    token of the global batch, which may be taken in ``microbatches`` passes (``microbatches.py``):
+    the update is the same either way.
 
     Metrics are sums (loss, tokens, per-source loss/tokens) so that the loop can accumulate them on
     device between log steps without forcing a host sync every step.
     """
+    losses_fn = token_losses()
 
-    def loss_fn(params, batch):
-        losses, mask = _token_losses(model, params, batch)
-        return losses.sum() / jnp.maximum(mask.sum(), 1.0), (losses, mask)
+    def slice_grads(params, batch: Batch, num_tokens: jax.Array):
+        """Gradients of a slice's loss sum over the whole batch's token count, and its sums."""
 
-    def step(state: TrainState, batch: Batch):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (losses, mask)), grads = grad_fn(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def loss_fn(params):
+            losses, mask = losses_fn(model, params, batch)
+            return losses.sum() / num_tokens, (losses, mask)
+
+        (_, (losses, mask)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         source = jax.nn.one_hot(batch["source_id"], num_sources, dtype=jnp.float32)
-        metrics = {
+        return grads, {
             "loss_sum": losses.sum(),
             "tokens": mask.sum(),
             "source_loss_sum": source.T @ losses.sum(axis=1),
             "source_tokens": source.T @ mask.sum(axis=1),
+        }
+
+    def step(state: TrainState, batch: Batch):
+        num_tokens = jnp.maximum(real_targets(batch).sum(), 1.0)  # of the whole batch
+        grads, sums = accumulate_gradients(
+            lambda rows: slice_grads(state.params, rows, num_tokens),
+            batch,
+            microbatches=microbatches,
+            mesh=mesh,
+            grad_shardings=state_shardings.params,
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **sums,
             "grad_norm": optax.tree.norm(grads),
             "steps": jnp.ones((), jnp.float32),
         }
@@ -128,3 +143,62 @@ def global_batch(host_batch: dict, mesh: Mesh) -> Batch:
         )
         for name, value in host_batch.items()
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What a run compiles, built once for `codemix train` and `codemix aot` alike."""
+
+    model: Transformer
+    tx: optax.GradientTransformation
+    abstract_state: TrainState  # shapes with shardings: the target a checkpoint restores into
+    shardings: TrainState
+    step: Callable  # jitted (state, batch) -> (state, metric sums)
+
+
+def build_train_program(
+    *,
+    model_config: ModelConfig,
+    dataset: MixtureInput,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    learning_rate: optax.Schedule,
+    optimizer: Callable[[optax.Schedule], optax.GradientTransformation],
+    microbatches: int = 1,
+) -> TrainProgram:
+    """Check the settings against each other and the mesh, then lay out and build the step.
+
+    Call inside ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)``. Nothing is compiled
+    or allocated, so every error here comes before the first batch is read.
+    """
+    _check_compatible(model_config, dataset, mesh, microbatches)
+    model = Transformer(model_config)
+    tx = optimizer(learning_rate)
+    abstract_state, shardings = state_layout(model=model, tx=tx, mesh=mesh, rules=rules)
+    step = make_train_step(
+        model=model,
+        tx=tx,
+        num_sources=len(dataset.source_names),
+        state_shardings=shardings,
+        mesh=mesh,
+        microbatches=microbatches,
+    )
+    return TrainProgram(model, tx, abstract_state, shardings, step)
+
+
+def _check_compatible(
+    model_config: ModelConfig, dataset: MixtureInput, mesh: Mesh, microbatches: int
+) -> None:
+    if dataset.seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"dataset seq_len {dataset.seq_len} exceeds "
+            f"model max_seq_len {model_config.max_seq_len}"
+        )
+    check_attention(model_config.attention, mesh.devices.flat[0].platform, dataset.seq_len)
+    sharding.check_batch_divisible(dataset.global_batch_size, mesh)
+    check_microbatches(
+        microbatches=microbatches,
+        global_batch_size=dataset.global_batch_size,
+        mesh=mesh,
+        process_count=jax.process_count(),
+    )

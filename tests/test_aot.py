@@ -114,7 +114,7 @@ def test_a_step_that_does_not_fit_is_reported_with_its_largest_buffers(capsys, c
     text = capsys.readouterr().out
     assert "DOES NOT FIT" in text
     assert "f32[2,8192,256000]" in text  # the float32 logits
-    assert "try: full [b, l, vocab] logits" in text
+    assert "try: full [b, l, vocab] logits: token_losses.chunk_size" in text
     report = aot_json(capsys, *flags)
     assert not report["fits"] and report["total_bytes"] > report["hbm_bytes"] == 15.75 * 2**30
 
@@ -135,3 +135,11 @@ def test_compiled_step_can_be_saved(capsys, tmp_path):
     assert set(saved) == {"executable", "in_tree", "out_tree"}
     assert len(saved["executable"]) > 10_000  # a real serialized TPU executable
     assert saved["in_tree"].num_leaves > 5  # state and batch leaves
+
+
+def test_microbatches_reach_the_compiled_step(capsys):
+    """The same program as `codemix train`: 4 microbatches hold a quarter of the activations."""
+    flags = ["--topology", "v5e-4", "--gin_bindings", "MixtureInput.global_batch_size = 256"]
+    whole = aot_json(capsys, *flags)
+    quarter = aot_json(capsys, *flags, "--gin_bindings", "train.microbatches = 4")
+    assert quarter["temp_bytes"] < 0.5 * whole["temp_bytes"]

@@ -1,22 +1,82 @@
-"""Causal self-attention that never crosses a packed-document boundary (MHA/GQA, RoPE or none)."""
+"""Causal self-attention that never crosses a packed-document boundary (MHA/GQA, RoPE or none).
+
+``ModelConfig.attention`` picks how the scores are computed: ``xla`` (the reference below, any
+platform, an ``l x l`` score buffer), ``splash`` (TPU) or ``gpu_flash`` (GPU), the fused kernels of
+``attention_kernels``. All three compute the same function.
+"""
 
 from __future__ import annotations
 
 import jax
 from flax import linen as nn
 
+from codemix_jax.model import attention_kernels
 from codemix_jax.model.config import ModelConfig
 from codemix_jax.model.layers import BATCH_LENGTH, Dense, apply_rope, constrain
 
+# The platform each implementation needs (None: any); keys are ModelConfig's attention choices.
+REQUIRED_PLATFORM = {"xla": None, "splash": "tpu", "gpu_flash": "gpu"}
+
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[b, 1, l, l]`` True where query and key are in the same document and not padding (id 0).
+    """``[b, 1, l, l]`` True where query and key are in the same document.
 
     Causality is added by the attention call; together they keep packed documents independent.
+    Padding (id 0) is one more document, as the kernels' segment ids treat it: every query then
+    sees at least itself, and all implementations agree at every position, padding included.
     """
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids > 0)[:, :, None]
-    return (same & real)[:, None]
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The reference: ``q [b, l, heads, d]``, ``k, v [b, l, kv_heads, d]`` -> ``[b, l, heads, d]``.
+
+    Softmax runs in float32 inside ``dot_product_attention``; GQA groups are handled there too.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids), is_causal=True)
+
+
+_IMPLEMENTATIONS = {
+    "xla": xla_attention,
+    "splash": attention_kernels.splash_attention,
+    "gpu_flash": attention_kernels.gpu_flash_attention,
+}
+
+
+def target_platform() -> str:
+    """The platform the code being traced will run on: the active mesh's devices' platform (so
+    lowering for TPU topology devices from a CPU host says ``tpu``), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def check_attention(implementation: str, platform: str, seq_len: int | None = None) -> None:
+    """Refuse, by name, an implementation that ``platform`` cannot run or a length it cannot tile.
+
+    Called when the model is traced (before anything compiles); a train loop or an ahead-of-time
+    compiler may call it earlier with the platform of its mesh, ``mesh.devices.flat[0].platform``.
+    Inside ``attention_kernels.interpret_kernels()`` every platform runs every kernel.
+    """
+    if implementation not in REQUIRED_PLATFORM:
+        raise ValueError(
+            f"ModelConfig.attention={implementation!r}: not in {tuple(REQUIRED_PLATFORM)}"
+        )
+    needed = REQUIRED_PLATFORM[implementation]
+    if needed not in (None, platform) and not attention_kernels.interpreting():
+        raise ValueError(
+            f"ModelConfig.attention={implementation!r} needs a {needed.upper()} but this model "
+            f"runs on {platform!r}; on {platform} use attention='xla'"
+        )
+    if needed is not None and seq_len is not None:
+        attention_kernels.check_seq_len(implementation, seq_len)
+
+
+def attend(
+    implementation: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
+    """Causal attention within documents by ``implementation``, checked against the platform."""
+    check_attention(implementation, target_platform(), q.shape[1])
+    return _IMPLEMENTATIONS[implementation](q, k, v, segment_ids)
 
 
 class Attention(nn.Module):
@@ -31,8 +91,10 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             q = apply_rope(q, positions, theta=cfg.rope_theta)
             k = apply_rope(k, positions, theta=cfg.rope_theta)
-        # Softmax runs in float32 inside dot_product_attention; GQA groups are handled there too.
-        out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids), is_causal=True)
+        # Init only needs shapes, from a one-token row no kernel can tile; the reference gives them
+        # on any platform (so an AOT compile for TPU may build its state layout on a CPU host).
+        implementation = "xla" if self.is_initializing() else cfg.attention
+        out = attend(implementation, q, k, v, segment_ids)
         out = constrain(out, *BATCH_LENGTH, "activation_heads", "activation_head_dim")
         out_axes = ("heads", "head_dim", "embed")
         return Dense(cfg, (cfg.d_model,), out_axes, contract=2, name="out")(out)

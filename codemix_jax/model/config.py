@@ -14,6 +14,7 @@ _CHOICES = {
     "positions": ("rope", "learned"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
+    "attention": ("xla", "splash", "gpu_flash"),
 }
 
 _POSITIVE = (
@@ -55,6 +56,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True  # nn.scan over layers (params get a leading "layers" axis)
     remat: bool = False  # recompute each block in the backward pass to save memory
+    # How attention scores are computed (the same function each way): "xla" (reference, any
+    # platform, holds [b, heads, l, l] scores) | "splash" (TPU Pallas kernel) | "gpu_flash" (GPU
+    # Pallas kernel); the kernels need seq_len % 128 == 0. See model/attention.py.
+    attention: str = "xla"
     initializer_std: float = 0.02
 
     def __post_init__(self) -> None:

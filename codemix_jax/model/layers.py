@@ -92,7 +92,7 @@ class Mlp(nn.Module):
 
 
 class Embed(nn.Module):
-    """A lookup table ``[num_embeddings, d_model]``; ``attend`` reuses it as a tied output head."""
+    """A lookup table ``[num_embeddings, d_model]``; its transpose is the tied output head."""
 
     config: ModelConfig
     num_embeddings: int
@@ -109,29 +109,32 @@ class Embed(nn.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids, axis=0).astype(self.config.compute_dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Float32 scores of ``x`` against every row (a tied output head)."""
-        table = self.embedding.astype(x.dtype)
-        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
-
 
 class OutputHead(nn.Module):
-    """Untied projection to float32 vocabulary scores (the tied case uses ``Embed.attend``)."""
+    """The untied output projection: only its ``kernel [d_model, vocab]``, which ``vocab_logits``
+    applies (the tied head is the transposed embedding table)."""
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def setup(self) -> None:
         cfg = self.config
-        kernel = self.param(
+        self.kernel = self.param(
             "kernel",
             normal_init(cfg, ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size),
             cfg.weight_dtype,
         )
-        return jnp.einsum(
-            "...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32
-        )
+
+
+def vocab_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Float32 scores ``x @ kernel`` of ``x [..., d_model]`` against ``kernel [d_model, vocab]``.
+
+    Multiplied in ``x``'s dtype with float32 accumulation. The full-logits head and the chunked
+    loss (``model/loss.py``) both project through here, so they round alike.
+    """
+    return jnp.einsum(
+        "...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32
+    )
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:

@@ -8,7 +8,15 @@ from flax import linen as nn
 
 from codemix_jax.model.attention import Attention
 from codemix_jax.model.config import ModelConfig
-from codemix_jax.model.layers import BATCH_LENGTH, Embed, Mlp, OutputHead, constrain, norm
+from codemix_jax.model.layers import (
+    BATCH_LENGTH,
+    Embed,
+    Mlp,
+    OutputHead,
+    constrain,
+    norm,
+    vocab_logits,
+)
 
 EMBED_ACTIVATION = (*BATCH_LENGTH, "activation_embed")
 
@@ -43,14 +51,20 @@ class Transformer(nn.Module):
 
     ``segment_ids`` numbers the documents in a row (0 = padding) and ``positions`` restarts at 0 per
     document, so packed documents see exactly what they would see alone in a row.
+
+    With ``head=False`` it stops before the output projection and returns ``(hidden, kernel)``: the
+    final-normed hidden states ``[b, l, d_model]`` (compute dtype) and the projection
+    ``[d_model, vocab_size]`` (the transposed tied embedding table or the untied head's kernel, in
+    the param dtype), so that a loss can project a few tokens at a time (``model/loss.py``): at
+    256K vocabulary and 8K tokens per row the full float32 logits are the step's largest buffer.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, *, segment_ids: jax.Array, positions: jax.Array
-    ) -> jax.Array:
+        self, tokens: jax.Array, *, segment_ids: jax.Array, positions: jax.Array, head: bool = True
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         cfg = self.config
         self._check_inputs(tokens, segment_ids, positions)
         token_embedding = Embed(cfg, cfg.vocab_size, "vocab", name="token_embedding")
@@ -60,10 +74,12 @@ class Transformer(nn.Module):
         x = self._blocks(constrain(x, *EMBED_ACTIVATION), segment_ids, positions)
         x = norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = token_embedding.attend(x)
+            kernel = token_embedding.embedding.T
         else:
-            logits = OutputHead(cfg, name="output_head")(x)
-        return constrain(logits, *BATCH_LENGTH, "activation_vocab")
+            kernel = OutputHead(cfg, name="output_head").kernel
+        if not head:
+            return x, kernel
+        return constrain(vocab_logits(x, kernel), *BATCH_LENGTH, "activation_vocab")
 
     def _blocks(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         cfg = self.config
