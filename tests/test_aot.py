@@ -53,6 +53,20 @@ def test_bad_accelerator_is_named(name, message):
         aot.tpu_slice(name)
 
 
+SLICES = ["v4-16", "v4-64", "v4-512", "v5e-8", "v5e-64", "v5e-256", "v5p-16", "v5p-128", "v5p-512"]
+
+
+@pytest.mark.parametrize("name", SLICES)
+@pytest.mark.parametrize("sharding_file", SHARDINGS)
+def test_every_sharding_builds_its_mesh_on_real_topologies(sharding_file, name):
+    """8 to 256 chips of v4, v5e and v5p: each mesh uses every chip exactly once."""
+    tpu = aot.tpu_slice(name)
+    gin_config.parse([sharding_file])
+    mesh = sharding.make_mesh(devices=tpu.devices())
+    gin.clear_config()
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in tpu.devices())
+
+
 def neighbours(a, b, grid) -> bool:
     """One step apart on the torus (wrap-around links included) along exactly one axis."""
     steps = [min(abs(x - y), size - abs(x - y)) for x, y, size in zip(a, b, grid, strict=False)]
