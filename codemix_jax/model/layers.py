@@ -6,6 +6,8 @@ table elsewhere decides how it is sharded; the model itself never mentions a mes
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -47,12 +49,36 @@ class Dense(nn.Module):
             cfg.weight_dtype,
         )
         dtype = cfg.compute_dtype
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.contract)
+        y = matmul(x.astype(dtype), kernel.astype(dtype), contract=self.contract)
         if not cfg.use_bias:
             return y
         bias_axes = self.kernel_axes[-len(self.features) :]
         bias_init = nn.with_logical_partitioning(nn.initializers.zeros, bias_axes)
         return y + self.param("bias", bias_init, self.features, cfg.weight_dtype).astype(dtype)
+
+
+def matmul(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    contract: int = 1,
+    preferred_element_type: jnp.dtype | None = None,
+) -> jax.Array:
+    """``x [*rows, *k] @ kernel [*k, *n] -> [*rows, *n]``, ``k`` the last ``contract`` dims of x.
+
+    Computed as one 2-D matmul ``[rows, k] @ [k, n]``: the same sums as ``tensordot``, but the
+    gradient of the kernel then contracts a single row axis. With batch and length as two row
+    axes, XLA:CPU transposes operands around that matmul (a dense layer's gradient took 1.5x
+    as long, bench/codemix_worker.py); on TPU the reshapes are free.
+    """
+    rows, k = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
+    n = kernel.shape[contract:]
+    y = jnp.dot(
+        x.reshape(-1, math.prod(k)),
+        kernel.reshape(math.prod(k), math.prod(n)),
+        preferred_element_type=preferred_element_type,
+    )
+    return y.reshape(*rows, *n)
 
 
 def norm(config: ModelConfig, *, name: str) -> nn.Module:
@@ -132,9 +158,7 @@ def vocab_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Multiplied in ``x``'s dtype with float32 accumulation. The full-logits head and the chunked
     loss (``model/loss.py``) both project through here, so they round alike.
     """
-    return jnp.einsum(
-        "...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32
-    )
+    return matmul(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:

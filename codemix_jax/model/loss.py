@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from codemix_jax.model.layers import BATCH_LENGTH, constrain, vocab_logits
+from codemix_jax.model.layers import BATCH_LENGTH, constrain, matmul, vocab_logits
 from codemix_jax.model.transformer import Transformer
 
 TokenLosses = Callable[[Transformer, Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
@@ -105,6 +105,11 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return x.swapaxes(0, 1).reshape(b, n * c, *rest)
 
 
+def _rows(x: jax.Array) -> jax.Array:
+    """``[b, c, n] -> [b * c, n]``: every position one row of a 2-D matmul."""
+    return x.reshape(-1, x.shape[-1])
+
+
 def _logits(hidden: jax.Array, kernel: jax.Array) -> jax.Array:
     """One chunk's float32 logits ``[b, c, vocab]``, vocab sharded like the full logits."""
     return constrain(vocab_logits(hidden, kernel), *BATCH_LENGTH, "activation_vocab")
@@ -146,8 +151,8 @@ def _backward(residuals, losses_grad: jax.Array):
         probs = jnp.exp(logits - log_normalizer[..., None])
         logits_grad = (probs - _is_target(logits, t)) * g[..., None]
         logits_grad = constrain(logits_grad, *BATCH_LENGTH, "activation_vocab")
-        h_grad = jnp.einsum("bcv,dv->bcd", logits_grad, kernel, preferred_element_type=jnp.float32)
-        kernel_grad += jnp.einsum("bcd,bcv->dv", h, logits_grad, preferred_element_type=jnp.float32)
+        h_grad = matmul(logits_grad, kernel.T, preferred_element_type=jnp.float32)
+        kernel_grad += matmul(_rows(h).T, _rows(logits_grad), preferred_element_type=jnp.float32)
         return kernel_grad, h_grad.astype(h.dtype)
 
     zeros = constrain(jnp.zeros(kernel.shape, jnp.float32), *KERNEL)
