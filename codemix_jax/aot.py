@@ -3,7 +3,8 @@
 Renting a pod to learn that a config runs out of HBM is expensive. libtpu can describe a TPU
 topology without the hardware (``jax.experimental.topologies``); the exact step that `codemix
 train` would run (same gin, same state layout, same step function) is lowered onto those devices
-and compiled by the real TPU compiler, whose memory analysis gives the per-chip need.
+and compiled by the real TPU compiler, whose memory analysis gives the per-chip need. The target
+``local`` compiles for this host's own devices instead.
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ import glob
 import inspect
 import math
 import os
-import pickle
 import re
 import tempfile
 from collections.abc import Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
-import tensorflow as tf
 from flax import linen as nn
-from jax.experimental import serialize_executable, topologies
+from jax.experimental import topologies
 
-from codemix_jax import gin_config, sharding
+from codemix_jax import compiled_step, gin_config, sharding
 from codemix_jax.model import training_flops_per_token
 from codemix_jax.train_state import build_train_program
 
@@ -87,6 +85,38 @@ class TpuSlice:
         )
         return list(description.devices)
 
+    @property
+    def hbm_bytes(self) -> int:
+        return self.generation.hbm_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDevices:
+    """This host's own devices (``--topology local``): a step compiled for them runs here."""
+
+    def devices(self) -> list[jax.Device]:
+        return jax.devices()
+
+    @property
+    def chips(self) -> int:
+        return len(self.devices())
+
+    @property
+    def hbm_bytes(self) -> int:
+        """The device's memory limit; CPU devices report none and share the host's memory."""
+        stats = self.devices()[0].memory_stats() or {}
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return stats.get("bytes_limit", host // self.chips)
+
+
+def compile_target(accelerator: str, *, num_slices: int = 1) -> TpuSlice | LocalDevices:
+    """``local`` is this host's devices; any other name is a TPU slice (``tpu_slice``)."""
+    if accelerator != "local":
+        return tpu_slice(accelerator, num_slices=num_slices)
+    if num_slices != 1:
+        raise ValueError(f"num_slices is for TPU slices; 'local' got {num_slices}")
+    return LocalDevices()
+
 
 def tpu_slice(accelerator: str, *, num_slices: int = 1) -> TpuSlice:
     """``v5e-256`` (and ``num_slices`` of it) -> its chip grid; a clear error for unknown names."""
@@ -146,35 +176,37 @@ def aot_compile(
     gin_bindings: Sequence[str] = (),
     accelerator: str,
     num_slices: int = 1,
-) -> tuple[AotReport, jax.stages.Compiled | None]:
+    save_compiled: str = "",
+) -> AotReport:
     """Compile `codemix train`'s step for ``accelerator``; the report says whether it fits.
 
     A step that does not fit makes the TPU compiler fail; that becomes a report with
-    ``fits = False``, the compiler's requirement and its list of the largest buffers.
+    ``fits = False``, the compiler's requirement and its list of the largest buffers. A step that
+    compiles is written to ``save_compiled`` when given (``compiled_step.load`` reads it).
     """
-    tpu = tpu_slice(accelerator, num_slices=num_slices)
+    target = compile_target(accelerator, num_slices=num_slices)
     extra = [f"make_mesh.dcn_data = {num_slices}"] if num_slices > 1 else []
     gin_config.parse(gin_files, [*gin_bindings, *extra])
-    # The gin file's mesh, laid out on the slice's devices; everything else exactly as in train.
-    gin.bind_parameter("train.mesh", sharding.make_mesh(devices=tpu.devices()))
+    # The gin file's mesh, laid out on the target's devices; everything else exactly as in train.
+    gin.bind_parameter("train.mesh", sharding.make_mesh(devices=target.devices()))
     args = gin.get_bindings("train")
     dataset, mesh = args["dataset"], args["mesh"]
     wanted = inspect.signature(build_train_program).parameters
     with jax.set_mesh(mesh), nn.logical_axis_rules(args["rules"]):
         program = build_train_program(**{k: v for k, v in args.items() if k in wanted})
-        lowered = program.step.lower(program.abstract_state, abstract_batch(dataset, mesh))
+        lowered = program.lower()
     model_flops = (
         training_flops_per_token(args["model_config"], dataset.seq_len)
         * dataset.global_batch_size
         * dataset.seq_len
-        / tpu.chips
+        / target.chips
     )
     base = {
         "accelerator": accelerator,
         "num_slices": num_slices,
-        "chips": tpu.chips,
+        "chips": target.chips,
         "mesh": dict(mesh.shape),
-        "hbm_bytes": tpu.generation.hbm_bytes,
+        "hbm_bytes": target.hbm_bytes,
         "model_flops": model_flops,
         "vocab_size": args["model_config"].vocab_size,
         "remat": args["model_config"].remat,
@@ -184,10 +216,13 @@ def aot_compile(
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
-        return _out_of_memory_report(lowered, str(error), base), None
+        return _out_of_memory_report(lowered, str(error), base)
+    if save_compiled:
+        signature = compiled_step.signature(program, lowered)
+        compiled_step.save(compiled, signature=signature, path=save_compiled)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    report = AotReport(
+    return AotReport(
         **base,
         argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes,
@@ -195,25 +230,6 @@ def aot_compile(
         temp_bytes=memory.temp_size_in_bytes,
         compiled_flops=(cost or {}).get("flops"),
     )
-    return report, compiled
-
-
-def abstract_batch(dataset, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch `codemix train` feeds the step: shapes, dtypes and shardings only."""
-    rows, length = dataset.global_batch_size, dataset.seq_len
-    shapes = {
-        "inputs": (rows, length),
-        "targets": (rows, length),
-        "segment_ids": (rows, length),
-        "positions": (rows, length),
-        "source_id": (rows,),
-    }
-    return {
-        name: jax.ShapeDtypeStruct(
-            shape, jnp.int32, sharding=sharding.batch_sharding(mesh, len(shape))
-        )
-        for name, shape in shapes.items()
-    }
 
 
 def _out_of_memory_report(lowered: jax.stages.Lowered, message: str, base: dict) -> AotReport:
@@ -300,10 +316,3 @@ def format_report(report: AotReport) -> str:
 
 def _gib(size: float) -> str:
     return f"{size / GIB:8.2f} GiB" if size >= GIB / 10 else f"{size / 2**20:8.2f} MiB"
-
-
-def save_compiled(compiled: jax.stages.Compiled, path: str) -> None:
-    """The serialized executable with its argument and result trees, for a fast start on the pod."""
-    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        pickle.dump({"executable": payload, "in_tree": in_tree, "out_tree": out_tree}, f)

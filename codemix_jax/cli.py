@@ -40,7 +40,8 @@ def _train(args: argparse.Namespace) -> None:
         )
     elif args.distributed:
         jax.distributed.initialize()  # TPU pods and SLURM/GKE: the cluster is auto-detected.
-    gin_config.parse(args.gin_file, args.gin_bindings)
+    saved_step = [f"train.compiled_step = {args.compiled_step!r}"] if args.compiled_step else []
+    gin_config.parse(args.gin_file, [*args.gin_bindings, *saved_step])
     metrics = train(run_dir=args.run_dir)
     log.info("done: %s", json.dumps(metrics))
 
@@ -84,15 +85,14 @@ def _mixture_report(args: argparse.Namespace) -> None:
 
 
 def _aot(args: argparse.Namespace) -> None:
-    report, compiled = aot.aot_compile(
+    report = aot.aot_compile(
         gin_files=args.gin_file,
         gin_bindings=args.gin_bindings,
         accelerator=args.topology,
         num_slices=args.num_slices,
+        save_compiled=args.save_compiled or "",
     )
     print(json.dumps(report.as_json()) if args.json else aot.format_report(report))
-    if args.save_compiled and compiled is not None:
-        aot.save_compiled(compiled, args.save_compiled)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_cmd.add_argument("--num_processes", type=int, help="with --coordinator_address")
     train_cmd.add_argument("--process_id", type=int, help="with --coordinator_address")
+    train_cmd.add_argument(
+        "--compiled_step", help="run the step `codemix aot --save_compiled` wrote, not compiling"
+    )
     train_cmd.set_defaults(run=_train)
 
     params_cmd = commands.add_parser("params", help="count a gin model's parameters abstractly")
@@ -168,11 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         "aot", help="compile the train step for a TPU slice on this host: per-chip memory, fits?"
     )
     _add_gin_flags(aot_cmd)
-    aot_cmd.add_argument("--topology", required=True, help="TPU slice, e.g. v5e-256, v5p-512")
+    aot_cmd.add_argument(
+        "--topology",
+        required=True,
+        help="TPU slice, e.g. v5e-256, v5p-512; or 'local' for this host's devices",
+    )
     aot_cmd.add_argument("--num_slices", type=int, default=1, help="slices over DCN")
     aot_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     aot_cmd.add_argument(
-        "--save_compiled", help="write the compiled step here (serialized executable)"
+        "--save_compiled", help="write the compiled step here, for `codemix train --compiled_step`"
     )
     aot_cmd.set_defaults(run=_aot)
 

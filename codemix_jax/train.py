@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from codemix_jax import gin_config, sharding
 from codemix_jax.checkpoint import Checkpoints, run_identity
+from codemix_jax.compiled_step import load as load_compiled_step
 from codemix_jax.data import MixtureInput
 from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
 from codemix_jax.model import ModelConfig, training_flops_per_token
@@ -38,6 +39,7 @@ def train(
     keep_checkpoints: int = 3,
     seed: int = 0,
     microbatches: int = 1,
+    compiled_step: str = "",
 ) -> dict[str, float]:
     """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
@@ -52,6 +54,8 @@ def train(
         the end); the newest ``keep_checkpoints`` are kept.
       microbatches: take each global batch in this many passes, summing gradients (less
         activation memory, the same update); must divide every host's and device's rows.
+      compiled_step: a step saved by `codemix aot --save_compiled` to run instead of compiling
+        one; refused, before anything is written, unless it was compiled from this very step.
     Returns:
       The scalars of the last logged step (empty if there was nothing left to train).
     """
@@ -65,6 +69,8 @@ def train(
             optimizer=optimizer,
             microbatches=microbatches,
         )
+        if compiled_step:
+            program = load_compiled_step(program, compiled_step)
         batches = dataset.host_batches(
             process_index=jax.process_index(), process_count=jax.process_count()
         )

@@ -135,6 +135,24 @@ def make_train_step(
     )
 
 
+def abstract_batch(dataset: MixtureInput, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step is fed (see ``global_batch``): shapes, dtypes, shardings only."""
+    rows, length = dataset.global_batch_size, dataset.seq_len
+    shapes = {
+        "inputs": (rows, length),
+        "targets": (rows, length),
+        "segment_ids": (rows, length),
+        "positions": (rows, length),
+        "source_id": (rows,),
+    }
+    return {
+        name: jax.ShapeDtypeStruct(
+            shape, jnp.int32, sharding=sharding.batch_sharding(mesh, len(shape))
+        )
+        for name, shape in shapes.items()
+    }
+
+
 def global_batch(host_batch: dict, mesh: Mesh) -> Batch:
     """Assemble each host's rows into global arrays sharded over (data, fsdp)."""
     return {
@@ -151,9 +169,15 @@ class TrainProgram:
 
     model: Transformer
     tx: optax.GradientTransformation
+    mesh: Mesh
     abstract_state: TrainState  # shapes with shardings: the target a checkpoint restores into
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
     shardings: TrainState
-    step: Callable  # jitted (state, batch) -> (state, metric sums)
+    step: Callable  # jitted (state, batch) -> (state, metric sums), or a loaded executable
+
+    def lower(self) -> jax.stages.Lowered:
+        """The step traced for the run's abstract state and batch; nothing is compiled."""
+        return self.step.lower(self.abstract_state, self.abstract_batch)
 
 
 def build_train_program(
@@ -183,7 +207,8 @@ def build_train_program(
         mesh=mesh,
         microbatches=microbatches,
     )
-    return TrainProgram(model, tx, abstract_state, shardings, step)
+    batch = abstract_batch(dataset, mesh)
+    return TrainProgram(model, tx, mesh, abstract_state, batch, shardings, step)
 
 
 def _check_compatible(

@@ -140,15 +140,28 @@ def test_batch_that_does_not_divide_the_mesh_is_named(caplog):
     assert "global batch size 32 does not divide the data*fsdp mesh size 256" in caplog.text
 
 
-def test_compiled_step_can_be_saved(capsys, tmp_path):
+def test_compiled_step_can_be_saved_and_is_refused_by_other_devices(
+    capsys, caplog, local_data, tmp_path
+):
+    """A v5e-4 step is saved with its signature; training on this CPU host refuses it by name."""
     path = tmp_path / "step.pkl"
     args = ["aot", "--gin_file", SMOKE, "--topology", "v5e-4", "--save_compiled", str(path)]
     assert cli.main(args) == 0
     with open(path, "rb") as f:
         saved = pickle.load(f)
-    assert set(saved) == {"executable", "in_tree", "out_tree"}
+    assert set(saved) == {"executable", "in_tree", "out_tree", "signature"}
     assert len(saved["executable"]) > 10_000  # a real serialized TPU executable
     assert saved["in_tree"].num_leaves > 5  # state and batch leaves
+    data = [
+        f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
+        f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
+    ]
+    train = ["train", "--gin_file", SMOKE, "--run_dir", str(tmp_path / "run")]
+    train += ["--compiled_step", str(path), *(f for b in data for f in ("--gin_bindings", b))]
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(train) == 2
+    assert "devices: saved 4 tpu devices (TPU v5 lite) vs now 1 cpu devices" in caplog.text
+    assert not (tmp_path / "run").exists()
 
 
 def test_microbatches_reach_the_compiled_step(capsys):
