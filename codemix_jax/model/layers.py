@@ -69,7 +69,7 @@ def matmul(
     Computed as one 2-D matmul ``[rows, k] @ [k, n]``: the same sums as ``tensordot``, but the
     gradient of the kernel then contracts a single row axis. With batch and length as two row
     axes, XLA:CPU transposes operands around that matmul (a dense layer's gradient took 1.5x
-    as long, bench/codemix_worker.py); on TPU the reshapes are free.
+    as long at the benchmark's shapes, BENCHMARKS.md); on TPU the reshapes are free.
     """
     rows, k = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
     n = kernel.shape[contract:]
