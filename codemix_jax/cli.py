@@ -1,4 +1,5 @@
-"""The ``codemix`` command: train, params, build-corpus, train-vocab, ingest, mixture-report."""
+"""The ``codemix`` command: train, params, build-corpus, build-instructions, train-vocab, ingest,
+mixture-report, aot."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import jax
 from codemix_jax import aot, gin_config
 from codemix_jax.data import MixtureInput, build_local_corpus, train_vocab
 from codemix_jax.data.ingest import ingest
+from codemix_jax.data.instruction_sets import build_local_instructions
+from codemix_jax.data.instructions import PROMPT, RESPONSE, InstructionFields
 from codemix_jax.data.report import mixture_report, report_json, report_table
 from codemix_jax.model import ModelConfig, count_parameters
 from codemix_jax.train import train
@@ -60,6 +63,10 @@ def _build_corpus(args: argparse.Namespace) -> None:
     build_local_corpus(out_dir=args.out_dir, max_bytes_per_source=args.max_bytes_per_source)
 
 
+def _build_instructions(args: argparse.Namespace) -> None:
+    build_local_instructions(out_dir=args.out_dir, max_examples_per_set=args.max_examples_per_set)
+
+
 def _train_vocab(args: argparse.Namespace) -> None:
     train_vocab(corpus_dir=args.corpus_dir, out_path=args.out_path, vocab_size=args.vocab_size)
 
@@ -75,6 +82,18 @@ def _ingest(args: argparse.Namespace) -> None:
         docs_per_shard=args.docs_per_shard,
         workers=args.workers,
         max_doc_chars=args.max_doc_chars,
+        instruction=_instruction_fields(args),
+    )
+
+
+def _instruction_fields(args: argparse.Namespace) -> InstructionFields | None:
+    if not args.instruction:
+        if args.prompt_fields or args.response_field:
+            raise ValueError("--prompt_fields and --response_field need --instruction")
+        return None
+    return InstructionFields(
+        prompt=tuple((args.prompt_fields or PROMPT).split(",")),
+        response=args.response_field or RESPONSE,
     )
 
 
@@ -133,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     corpus_cmd.set_defaults(run=_build_corpus)
 
+    instructions_cmd = commands.add_parser(
+        "build-instructions",
+        help="build the local text and code instruction sets (JSONL and shards) from this Python",
+    )
+    instructions_cmd.add_argument("--out_dir", default="data/local/instructions")
+    instructions_cmd.add_argument(
+        "--max_examples_per_set", type=int, default=None, help="cap per set (default: all)"
+    )
+    instructions_cmd.set_defaults(run=_build_instructions)
+
     vocab_cmd = commands.add_parser("train-vocab", help="train the SentencePiece vocabulary")
     vocab_cmd.add_argument("--corpus_dir", default="data/local/corpus")
     vocab_cmd.add_argument("--out_path", default="data/local/spm.model")
@@ -164,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=1_000_000,
         help="skip (and count) longer documents; not truncated, since a cut-off file or page "
         "teaches a broken document; 0 = no limit",
+    )
+    ingest_cmd.add_argument(
+        "--instruction",
+        action="store_true",
+        help="records are (prompt, response) instruction examples: any bad record stops the "
+        "ingest before the output is touched",
+    )
+    ingest_cmd.add_argument(
+        "--prompt_fields",
+        help="with --instruction: comma-separated fields whose non-empty values, joined by a blank "
+        "line, make the prompt (default: prompt; Alpaca, CodeAlpaca: instruction,input)",
+    )
+    ingest_cmd.add_argument(
+        "--response_field",
+        help="with --instruction: the response's field (default: response; Alpaca: output)",
     )
     ingest_cmd.set_defaults(run=_ingest)
 

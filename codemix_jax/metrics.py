@@ -110,18 +110,22 @@ class Throughput:
 
 
 def summarize(totals: Mapping[str, jax.Array], source_names: Sequence[str]) -> dict[str, float]:
-    """Turn metric sums accumulated over an interval into means (and realized token shares)."""
+    """Turn metric sums accumulated over an interval into means (and realized token shares).
+
+    Losses are means over the tokens the loss weighs (an instruction source's response tokens and
+    EOS); token shares count all tokens, as the mixture's shares do.
+    """
     totals = jax.device_get(totals)
     scalars = {
-        "loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0)),
+        "loss": float(totals["loss_sum"] / max(totals["loss_tokens"], 1.0)),
         "grad_norm": float(totals["grad_norm"] / totals["steps"]),
     }
     source_total = max(float(totals["source_tokens"].sum()), 1.0)
     for i, name in enumerate(source_names):
-        tokens = float(totals["source_tokens"][i])
-        if tokens:
-            scalars[f"loss/{name}"] = float(totals["source_loss_sum"][i] / tokens)
-        scalars[f"token_share/{name}"] = tokens / source_total
+        loss_tokens = float(totals["source_loss_tokens"][i])
+        if loss_tokens:
+            scalars[f"loss/{name}"] = float(totals["source_loss_sum"][i] / loss_tokens)
+        scalars[f"token_share/{name}"] = float(totals["source_tokens"][i]) / source_total
     return scalars
 
 

@@ -18,7 +18,7 @@ from codemix_jax.data import MixtureInput
 from codemix_jax.microbatches import accumulate_gradients, check_microbatches
 from codemix_jax.model import ModelConfig, Transformer, init_params
 from codemix_jax.model.attention import check_attention
-from codemix_jax.model.loss import real_targets, token_losses
+from codemix_jax.model.loss import loss_weights, real_targets, token_losses
 
 Batch = dict[str, jax.Array]
 
@@ -83,12 +83,15 @@ def make_train_step(
 ):
     """A jitted, state-donating step returning (new_state, summable metrics).
 
-    The loss is gin's ``token_losses`` (full or chunked logits), averaged over every real target
-    token of the global batch, which may be taken in ``microbatches`` passes (``microbatches.py``):
-    the update is the same either way.
+    The loss is gin's ``token_losses`` (full or chunked logits), averaged over the weighted target
+    tokens of the global batch (``loss_weights``: every real token of a document, the response
+    tokens of an instruction example), which may be taken in ``microbatches`` passes
+    (``microbatches.py``): the update is the same either way.
 
-    Metrics are sums (loss, tokens, per-source loss/tokens) so that the loop can accumulate them on
-    device between log steps without forcing a host sync every step.
+    Metrics are sums so that the loop can accumulate them on device between log steps without
+    forcing a host sync every step: the loss and its weighted token count, overall and per source
+    (``loss_sum``, ``loss_tokens``, ``source_loss_sum``, ``source_loss_tokens``), and each
+    source's real tokens, prompts included (``source_tokens``: the mixture's token shares).
     """
     losses_fn = token_losses()
 
@@ -103,13 +106,14 @@ def make_train_step(
         source = jax.nn.one_hot(batch["source_id"], num_sources, dtype=jnp.float32)
         return grads, {
             "loss_sum": losses.sum(),
-            "tokens": mask.sum(),
+            "loss_tokens": mask.sum(),
             "source_loss_sum": source.T @ losses.sum(axis=1),
-            "source_tokens": source.T @ mask.sum(axis=1),
+            "source_loss_tokens": source.T @ mask.sum(axis=1),
+            "source_tokens": source.T @ real_targets(batch).sum(axis=1),
         }
 
     def step(state: TrainState, batch: Batch):
-        num_tokens = jnp.maximum(real_targets(batch).sum(), 1.0)  # of the whole batch
+        num_tokens = jnp.maximum(loss_weights(batch).sum(), 1.0)  # of the whole batch
         grads, sums = accumulate_gradients(
             lambda rows: slice_grads(state.params, rows, num_tokens),
             batch,
@@ -143,6 +147,7 @@ def abstract_batch(dataset: MixtureInput, mesh: Mesh) -> dict[str, jax.ShapeDtyp
         "targets": (rows, length),
         "segment_ids": (rows, length),
         "positions": (rows, length),
+        "loss_weights": (rows, length),
         "source_id": (rows,),
     }
     return {

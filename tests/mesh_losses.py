@@ -92,7 +92,7 @@ def metrics_on(mesh_kwargs: dict) -> dict[str, list]:
             steps.append(jax.device_get(metrics))
         collectives = split_collectives(mesh, microbatches) if microbatches > 1 else []
     return {
-        "loss": [float(m["loss_sum"] / m["tokens"]) for m in steps],
+        "loss": [float(m["loss_sum"] / m["loss_tokens"]) for m in steps],
         "grad_norm": [float(m["grad_norm"]) for m in steps],
         "source_loss_sum": [m["source_loss_sum"].tolist() for m in steps],
         "source_tokens": [m["source_tokens"].tolist() for m in steps],

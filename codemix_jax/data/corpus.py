@@ -150,7 +150,7 @@ def read_documents(*, corpus_dir: str, source: str, split: str) -> Iterator[str]
 def _select(docs: Iterable[Document], max_bytes: int | None) -> tuple[list[str], int]:
     """Decodes documents in name-hash order until ``max_bytes``; counts the unusable ones."""
     texts, skipped, total = [], 0, 0
-    for _, raw in sorted(docs, key=lambda doc: (_name_hash(doc[0]), doc[0])):
+    for _, raw in sorted(docs, key=lambda doc: (name_hash(doc[0]), doc[0])):
         if max_bytes is not None and total >= max_bytes:
             break
         try:
@@ -165,7 +165,7 @@ def _select(docs: Iterable[Document], max_bytes: int | None) -> tuple[list[str],
     return texts, skipped
 
 
-def _name_hash(name: str) -> str:
+def name_hash(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 

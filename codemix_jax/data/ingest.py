@@ -4,6 +4,11 @@ Each input file becomes ``{split}-{stem}-{k:05d}.tfrecord`` shards of tf.train.E
 "text" feature (plus requested metadata) and, given a vocabulary, the int64 "targets" ids of the
 text without EOS (the Task appends it), so training never tokenizes. One worker process per file.
 
+Instruction sets (``instruction``) become "prompt" and "response" features instead (and, given a
+vocabulary, "prompt_ids" and "response_ids"), so the loss mask survives into the shards. Every
+record is checked before ``out_dir`` is touched: a bad one stops the ingest, naming the file, the
+line and the field.
+
 An input file is the unit of resumption: its shards are written under ``.tmp/<stem>/``, moved into
 place only when the whole file is done, and then ``.done/<stem>.json`` records its counts. A rerun
 skips the files with a marker and redoes the others from scratch, so a reader's glob never sees a
@@ -36,11 +41,20 @@ from codemix_jax.data.ingest_readers import (
     input_stem,
     read_records,
 )
+from codemix_jax.data.instructions import (
+    PROMPT,
+    PROMPT_IDS,
+    RESPONSE,
+    RESPONSE_IDS,
+    InstructionFields,
+)
 from codemix_jax.data.vocab import load_vocab
 
 log = logging.getLogger(__name__)
 
 TARGETS_FEATURE = "targets"
+# Each text feature and the feature that holds its token ids.
+_IDS_FEATURE = {TEXT_FEATURE: TARGETS_FEATURE, PROMPT: PROMPT_IDS, RESPONSE: RESPONSE_IDS}
 MANIFEST_NAME = "ingest_manifest.json"
 _DONE_DIR = ".done"
 _TMP_DIR = ".tmp"
@@ -58,15 +72,17 @@ class _Settings:
     validation_fraction: float
     docs_per_shard: int
     max_doc_chars: int
+    instruction: InstructionFields | None = None
 
     def __post_init__(self):
         if not self.text_field:
             raise ValueError("text_field must be a non-empty field name")
-        clash = {TEXT_FEATURE, TARGETS_FEATURE}.intersection(self.meta_fields)
+        outputs = sorted({*_IDS_FEATURE, *_IDS_FEATURE.values()})
+        clash = set(outputs).intersection(self.meta_fields)
         if clash or len(set(self.meta_fields)) != len(self.meta_fields):
             raise ValueError(
-                f"meta_fields must be distinct and not named {TEXT_FEATURE!r} or "
-                f"{TARGETS_FEATURE!r} (output features), got {list(self.meta_fields)}"
+                f"meta_fields must be distinct and not named like an output feature {outputs}, "
+                f"got {list(self.meta_fields)}"
             )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
@@ -76,6 +92,12 @@ class _Settings:
             raise ValueError(f"docs_per_shard must be >= 1, got {self.docs_per_shard}")
         if self.max_doc_chars < 0:
             raise ValueError(f"max_doc_chars must be >= 0 (0 = no limit), got {self.max_doc_chars}")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The fields read from every record."""
+        content = self.instruction.columns if self.instruction else (self.text_field,)
+        return (*content, *self.meta_fields)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -88,10 +110,18 @@ class _Job(NamedTuple):
     settings: _Settings
 
 
-class _Document(NamedTuple):
-    text: str
-    raw: bytes
-    meta: dict[str, bytes]
+class _Skip(NamedTuple):
+    """Why a document record is not written; counted per reason."""
+
+    reason: str
+
+
+class _Converted(NamedTuple):
+    """A record as written: its features, its text's bytes and its token count."""
+
+    features: dict[str, tf.train.Feature]
+    text_bytes: int
+    tokens: int
 
 
 def ingest(
@@ -105,8 +135,13 @@ def ingest(
     docs_per_shard: int = 10_000,
     workers: int | None = None,
     max_doc_chars: int = 1_000_000,
+    instruction: InstructionFields | None = None,
 ) -> dict:
-    """Ingests the files matching the ``inputs`` globs into ``out_dir``; returns the manifest."""
+    """Ingests the files matching the ``inputs`` globs into ``out_dir``; returns the manifest.
+
+    ``instruction`` reads (prompt, response) records with those fields instead of documents from
+    ``text_field``; ``max_doc_chars`` then does not apply.
+    """
     settings = _Settings(
         text_field=text_field,
         meta_fields=tuple(meta_fields),
@@ -114,12 +149,15 @@ def ingest(
         validation_fraction=validation_fraction,
         docs_per_shard=docs_per_shard,
         max_doc_chars=max_doc_chars,
+        instruction=instruction,
     )
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     files = _resolve_inputs(inputs)
     if vocab_path is not None:
         load_vocab(vocab_path)  # a missing vocabulary fails now, not in every worker
+    if instruction is not None:
+        _check_instructions(files, instruction)
     tf.io.gfile.makedirs(f"{out_dir}/{_DONE_DIR}")
     started = time.monotonic()
     results = _finished(files, out_dir, settings)
@@ -156,6 +194,13 @@ def _resolve_inputs(patterns: Sequence[str]) -> dict[str, str]:
                     "so their shards would collide; rename one"
                 )
     return dict(sorted(files.items()))
+
+
+def _check_instructions(files: Mapping[str, str], fields: InstructionFields) -> None:
+    """Reads every record once, so that a bad one fails before anything is written."""
+    for path in files.values():
+        for record in read_records(path, columns=fields.columns):
+            fields.pair(record, path)
 
 
 def _finished(files: Mapping[str, str], out_dir: str, settings: _Settings) -> dict:
@@ -285,21 +330,20 @@ def _convert(job: _Job, tmp_dir: str) -> dict:
     skipped, first_skipped = Counter(), {}
     where = "the start of the file"
     try:
-        for record in read_records(job.path, columns=(settings.text_field, *settings.meta_fields)):
+        for record in read_records(job.path, columns=settings.columns):
             where = record.where
-            document = _document(record, settings)
-            if isinstance(document, str):
-                skipped[document] += 1
-                if skipped[document] <= _SKIPS_LOGGED:
-                    first_skipped.setdefault(document, []).append(where)
+            converted = _convert_record(record, job.path, settings, vocab)
+            if isinstance(converted, _Skip):
+                skipped[converted.reason] += 1
+                if skipped[converted.reason] <= _SKIPS_LOGGED:
+                    first_skipped.setdefault(converted.reason, []).append(where)
                 continue
-            ids = vocab.encode(document.text) if vocab else None
             split = (
                 "validation"
                 if _is_validation(name, record.index, settings.validation_fraction)
                 else "train"
             )
-            writers[split].write(_example(document, ids), len(document.raw), len(ids or ()))
+            writers[split].write(_serialized(converted.features), *converted[1:])
     except IngestError:
         raise
     except Exception as error:
@@ -315,30 +359,53 @@ def _convert(job: _Job, tmp_dir: str) -> dict:
     }
 
 
-def _document(record: Record, settings: _Settings) -> _Document | str:
-    """The record's document, or the reason to skip it."""
+def _convert_record(
+    record: Record, path: str, settings: _Settings, vocab: seqio.Vocabulary | None
+) -> _Converted | _Skip:
+    """The record's features, or the reason to skip a document (instructions were checked)."""
+    if settings.instruction:
+        texts = dict(zip((PROMPT, RESPONSE), settings.instruction.pair(record, path), strict=True))
+    else:
+        text = _document(record, settings)
+        if isinstance(text, _Skip):
+            return text
+        texts = {TEXT_FEATURE: text}
+    raw = {name: text.encode("utf-8") for name, text in texts.items()}
+    features = {name: _bytes_feature(value) for name, value in raw.items()}
+    for field in settings.meta_fields:
+        features[field] = _bytes_feature(_meta_bytes(record.fields.get(field)))
+    tokens = 0
+    if vocab is not None:
+        for name, text in texts.items():
+            ids = vocab.encode(text)
+            features[_IDS_FEATURE[name]] = _int64_feature(ids)
+            tokens += len(ids)
+    return _Converted(features, sum(map(len, raw.values())), tokens)
+
+
+def _document(record: Record, settings: _Settings) -> str | _Skip:
+    """The record's document text, or the reason to skip it."""
     if record.problem:
-        return record.problem
+        return _Skip(record.problem)
     text = record.fields.get(settings.text_field)
     if text is None:
-        return "missing_field"
+        return _Skip("missing_field")
     if isinstance(text, bytes):  # Parquet binary columns
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
-            return INVALID_UTF8
+            return _Skip(INVALID_UTF8)
     if not isinstance(text, str):
-        return "not_a_string"
+        return _Skip("not_a_string")
     if not text.strip():
-        return "empty"
+        return _Skip("empty")
     if settings.max_doc_chars and len(text) > settings.max_doc_chars:
-        return "too_long"
+        return _Skip("too_long")
     try:
-        raw = text.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, which JSON's \ud800 escapes can produce
-        return INVALID_UTF8
-    meta = {field: _meta_bytes(record.fields.get(field)) for field in settings.meta_fields}
-    return _Document(text, raw, meta)
+        return _Skip(INVALID_UTF8)
+    return text
 
 
 def _meta_bytes(value: object) -> bytes:
@@ -358,19 +425,17 @@ def _is_validation(name: str, index: int, fraction: float) -> bool:
     return int.from_bytes(digest) / 2**64 < fraction
 
 
-def _example(document: _Document, ids: Sequence[int] | None) -> bytes:
-    features = {
-        TEXT_FEATURE: _bytes_feature(document.raw),
-        **{field: _bytes_feature(value) for field, value in document.meta.items()},
-    }
-    if ids is not None:
-        features[TARGETS_FEATURE] = tf.train.Feature(int64_list=tf.train.Int64List(value=ids))
+def _serialized(features: Mapping[str, tf.train.Feature]) -> bytes:
     example = tf.train.Example(features=tf.train.Features(feature=features))
     return example.SerializeToString(deterministic=True)  # same bytes in every process
 
 
 def _bytes_feature(value: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int64_feature(values: Sequence[int]) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
 
 
 @functools.cache

@@ -21,6 +21,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from codemix_jax.data.packing import LOSS_WEIGHTS
 from codemix_jax.data.sources import Source
 
 Shares = Mapping[str, float]
@@ -34,7 +35,9 @@ class MixtureInput:
 
     Attributes:
       sources: every source a run may read; ``source_id`` in batches indexes this order.
-      shares: source name -> share of tokens, for the whole run (or use ``phases``).
+      shares: source name -> share of tokens, for the whole run (or use ``phases``). All tokens
+        of a source's rows count, prompts included: an instruction source's rows are as
+        token-equal as a document source's, while the loss sees only its response tokens.
       phases: ``[(start_step, shares), ...]`` starting at step 0: the mixture changes at those
         steps (e.g. paper B's four-phase dynamic mixing).
       shuffle_buffer_size: packed rows of each source shuffled on each host before mixing (more
@@ -185,7 +188,9 @@ class MixtureInput:
             shard_info=shard,
             num_epochs=None,
         )
-        return dataset.map(lambda row: {**row, "source_id": tf.constant(index, tf.int32)})
+        return dataset.map(
+            lambda row: {**_with_loss_weights(row), "source_id": tf.constant(index, tf.int32)}
+        )
 
     def _row_sources(self, shard: seqio.ShardInfo) -> tf.data.Dataset:
         """Global source id of each of this host's rows, step after step."""
@@ -211,6 +216,11 @@ class MixtureInput:
         options.threading.private_threadpool_size = self.num_threads
         options.threading.max_intra_op_parallelism = 1
         return options
+
+
+def _with_loss_weights(row: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Every row carries ``loss_weights``: a document's rows (pre-training) weigh every token."""
+    return {LOSS_WEIGHTS: tf.ones_like(row["targets"]), **row}
 
 
 def _rounded(x: tf.Tensor) -> tf.Tensor:

@@ -4,26 +4,42 @@ Documents are concatenated and cut at every ``seq_len`` tokens, so long document
 row is padded: a row's share of the mixture is then exactly its share of tokens.
 """
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
+LOSS_WEIGHTS = "loss_weights"  # per-token weight of the loss; rows without it weigh every token
 
-def pack_rows(dataset: tf.data.Dataset, *, seq_len: int, key: str = "targets") -> tf.data.Dataset:
+
+def pack_rows(
+    dataset: tf.data.Dataset, *, seq_len: int, key: str = "targets", aligned: Sequence[str] = ()
+) -> tf.data.Dataset:
     """Rows of "targets", "segment_ids", "positions" and "inputs", each of shape [seq_len].
 
-    ``dataset[key]`` holds 1-D int32 token ids per document (EOS already appended). The tail of a
-    finite stream that does not fill a row is dropped.
+    ``dataset[key]`` holds 1-D int32 token ids per document (EOS already appended). Each feature
+    named in ``aligned`` holds one int32 value per token of ``key`` (e.g. "loss_weights"); it is
+    cut at the same places, so its values stay on their tokens. The tail of a finite stream that
+    does not fill a row is dropped.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
 
     def cut(carry, example):
-        tokens = tf.concat([carry[0], tf.cast(example[key], tf.int32)], axis=0)
-        starts = tf.concat([carry[1], tf.one_hot(0, tf.size(example[key]), dtype=tf.int32)], 0)
-        end = tf.size(tokens) // seq_len * seq_len
-        return (tokens[end:], starts[end:]), _rows(tokens[:end], starts[:end], seq_len)
+        ids = tf.cast(example[key], tf.int32)
+        starts = tf.one_hot(0, tf.size(ids), dtype=tf.int32)
+        flat = [tf.concat([carry[0], ids], 0), tf.concat([carry[1], starts], 0)]
+        for name, kept in zip(aligned, carry[2:], strict=True):
+            values = tf.cast(example[name], tf.int32)
+            tf.debugging.assert_equal(tf.size(values), tf.size(ids), f"{name} per {key} id")
+            flat.append(tf.concat([kept, values], 0))
+        end = tf.size(flat[0]) // seq_len * seq_len
+        rows = _rows(flat[0][:end], flat[1][:end], seq_len)
+        for name, values in zip(aligned, flat[2:], strict=True):
+            rows[name] = tf.reshape(values[:end], [-1, seq_len])
+        return tuple(x[end:] for x in flat), rows
 
     empty = tf.zeros([0], tf.int32)
-    return dataset.scan((empty, empty), cut).unbatch()
+    return dataset.scan((empty,) * (2 + len(aligned)), cut).unbatch()
 
 
 def _rows(tokens: tf.Tensor, starts: tf.Tensor, seq_len: int) -> dict[str, tf.Tensor]:

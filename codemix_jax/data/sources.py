@@ -1,8 +1,9 @@
-"""Where each source's documents live: a gin-configurable ``Source`` per data set, and its Task.
+"""Where each source's data lives: a gin-configurable ``Source`` per data set, and its Task.
 
 A study's mixture names sources ("code_python", "text", ...) that each belong to one of paper A's
 categories; storage (TFRecord or ArrayRecord globs, local or gs://, or a TFDS data set) is a gin
-parameter, so the same mixture runs on the local demo corpus or on a bucket.
+parameter, so the same mixture runs on the local demo corpus or on a bucket. A source holds
+documents (pre-training) or (prompt, response) instruction examples (instruction tuning).
 """
 
 import dataclasses
@@ -18,10 +19,13 @@ import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordReader
 
 from codemix_jax.data.corpus import SHARD_GLOB, SOURCES
-from codemix_jax.data.tasks import packed_task
+from codemix_jax.data.instruction_sets import INSTRUCTION_GLOB, INSTRUCTION_SETS
+from codemix_jax.data.instructions import PROMPT, PROMPT_IDS, RESPONSE, RESPONSE_IDS
+from codemix_jax.data.tasks import instruction_task, packed_task
 
 CATEGORIES = ("text", "code", "markup", "code_adjacent", "synthetic_code", "high_quality")
 FORMATS = ("tfrecord", "arrayrecord", "tfds")
+KINDS = ("document", "instruction")
 
 # What writes each format's files, for the error raised when they are missing.
 _MAKE_FILES = {
@@ -30,6 +34,10 @@ _MAKE_FILES = {
     "arrayrecord": "an ArrayRecord writer of serialized tf.train.Example records",
     "tfds": "`tfds build NAME --data_dir DIR`",
 }
+_MAKE_INSTRUCTIONS = (
+    "`codemix ingest --instruction --input JSONL_GLOB --out_dir DIR` "
+    "(the local instruction sets: `codemix build-instructions --out_dir DIR`)"
+)
 _ARRAY_RECORD_CHUNK = 1024  # records per read call: few Python calls, bounded memory
 
 Feature = tf.io.FixedLenFeature | tf.io.RaggedFeature
@@ -38,7 +46,7 @@ Feature = tf.io.FixedLenFeature | tf.io.RaggedFeature
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One named data set of documents, read as full packed rows by its seqio Task.
+    """One named data set, read as full packed rows by its seqio Task.
 
     Attributes:
       name: unique key in shares and metrics (letters, digits, underscores).
@@ -50,6 +58,10 @@ class Source:
       pretokenized: read int64 "targets" ids (written by `codemix ingest --vocab_path`, no EOS)
         instead of tokenizing ``text_feature``; the ids must come from the run's vocabulary.
       tfds_data_dir: where the TFDS data set is prepared (TFDS's default when None).
+      kind: "document" (pre-training: every token is trained on) or "instruction": records of
+        "prompt" and "response" texts (or, pretokenized, "prompt_ids" and "response_ids"), as
+        `codemix ingest --instruction` writes them; the loss is on response tokens and EOS only.
+        ``text_feature`` is not read then, and TFDS is not a format for them.
     """
 
     name: str
@@ -60,6 +72,7 @@ class Source:
     text_feature: str = "text"
     pretokenized: bool = False
     tfds_data_dir: str | None = None
+    kind: str = "document"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\w+", self.name):
@@ -77,6 +90,13 @@ class Source:
                 f"source {self.name!r}: a TFDS source needs train='name:version' "
                 f"(e.g. 'c4/en:3.1.0'), got {self.train!r}"
             )
+        if self.kind not in KINDS:
+            raise ValueError(f"source {self.name!r}: unknown kind {self.kind!r}; known: {KINDS}")
+        if self.kind == "instruction" and self.format == "tfds":
+            raise ValueError(
+                f"source {self.name!r}: instruction sources read TFRecord or ArrayRecord shards; "
+                "turn the set's JSONL into shards with `codemix ingest --instruction`"
+            )
         if self.tfds_data_dir is not None and self.format != "tfds":
             raise ValueError(
                 f"source {self.name!r}: tfds_data_dir is only read by format 'tfds', "
@@ -86,8 +106,16 @@ class Source:
     def task(self, *, vocab_path: str) -> seqio.Task:
         """The Task yielding full packed rows of this source, registered once per configuration."""
         digest = hashlib.sha256(repr((self, vocab_path)).encode()).hexdigest()[:12]
+        name = f"codemix_{self.name}_{digest}"
+        if self.kind == "instruction":
+            return instruction_task(
+                name,
+                data_source=self._data_source(),
+                vocab_path=vocab_path,
+                pretokenized=self.pretokenized,
+            )
         return packed_task(
-            f"codemix_{self.name}_{digest}",
+            name,
             data_source=self._data_source(),
             vocab_path=vocab_path,
             feature="targets" if self.pretokenized else self.text_feature,
@@ -104,9 +132,10 @@ class Source:
         if self.format == "tfds":
             self._require_tfds_split(location)
         elif not tf.io.gfile.glob(location):
+            make = _MAKE_INSTRUCTIONS if self.kind == "instruction" else _MAKE_FILES[self.format]
             raise FileNotFoundError(
                 f"source {self.name!r}: no {self.format} files match {location!r}; "
-                f"write them with {_MAKE_FILES[self.format]}."
+                f"write them with {make}."
             )
 
     def tfrecord_files(self, split: str) -> list[str]:
@@ -126,16 +155,23 @@ class Source:
             return seqio.TfdsDataSource(
                 tfds_name=self.train, tfds_data_dir=self.tfds_data_dir, splits=self._locations()
             )
-        if self.pretokenized:
-            features = {"targets": tf.io.RaggedFeature(tf.int64)}
-        else:
-            features = {self.text_feature: tf.io.FixedLenFeature([], tf.string)}
+        features = self._features()
         if self.format == "tfrecord":
             return seqio.TFExampleDataSource(self._locations(), feature_description=features)
         return seqio.FileDataSource(
             read_file_fn=functools.partial(_read_array_record, features=features),
             split_to_filepattern=self._locations(),
         )
+
+    def _features(self) -> dict[str, Feature]:
+        """What is parsed from each tf.train.Example record."""
+        if self.kind == "instruction":
+            names = (PROMPT_IDS, RESPONSE_IDS) if self.pretokenized else (PROMPT, RESPONSE)
+        else:
+            names = ("targets",) if self.pretokenized else (self.text_feature,)
+        if self.pretokenized:
+            return {name: tf.io.RaggedFeature(tf.int64) for name in names}
+        return {name: tf.io.FixedLenFeature([], tf.string) for name in names}
 
     def _require_tfds_split(self, split: str) -> None:
         hint = f"prepare it with {_MAKE_FILES['tfds']}"
@@ -183,4 +219,24 @@ def local_sources(*, corpus_dir: str = "data/local/corpus") -> list[Source]:
             validation=SHARD_GLOB.format(corpus_dir=corpus_dir, source=source, split="validation"),
         )
         for source in SOURCES
+    ]
+
+
+@gin.configurable
+def local_instruction_sources(*, instructions_dir: str = "data/local/instructions") -> list[Source]:
+    """The local instruction sets (`codemix build-instructions`): 'text' and 'code' examples,
+    named as paper B's text:code schedules (gin/data/mixture_schedules/) name their sources."""
+
+    def glob(name: str, split: str) -> str:
+        return INSTRUCTION_GLOB.format(instructions_dir=instructions_dir, name=name, split=split)
+
+    return [
+        Source(
+            name=name,
+            category=name,
+            kind="instruction",
+            train=glob(name, "train"),
+            validation=glob(name, "validation"),
+        )
+        for name in INSTRUCTION_SETS
     ]

@@ -35,8 +35,9 @@ KERNEL = ("activation_embed", "activation_vocab")  # [d_model, vocab], gathered 
 def token_losses(*, chunk_size: int = 0) -> TokenLosses:
     """The train step's loss: ``(model, params, batch) -> (losses [b, l], mask [b, l])``.
 
-    ``losses`` is each target token's cross entropy, zero on padding; ``mask`` is 1.0 on real
-    targets (``segment_ids > 0``). Per row they sum to the per-source loss sums.
+    ``losses`` is each target token's cross entropy times its weight; ``mask`` is that weight
+    (``loss_weights``): 0 on padding and on an instruction example's prompt, 1 elsewhere. Per row
+    they sum to the per-source loss sums.
 
     Args:
       chunk_size: 0 = the reference, full float32 logits and optax's cross entropy; N > 0 = N
@@ -59,7 +60,7 @@ def token_losses(*, chunk_size: int = 0) -> TokenLosses:
         else:
             logits = model.apply(variables, batch["inputs"], **inputs)
             per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        mask = real_targets(batch)
+        mask = loss_weights(batch)
         return per_token * mask, mask
 
     return losses
@@ -68,6 +69,15 @@ def token_losses(*, chunk_size: int = 0) -> TokenLosses:
 def real_targets(batch: dict[str, jax.Array]) -> jax.Array:
     """``[b, l]`` 1.0 where the target is a real token, 0.0 on padding (``segment_ids == 0``)."""
     return (batch["segment_ids"] > 0).astype(jnp.float32)
+
+
+def loss_weights(batch: dict[str, jax.Array]) -> jax.Array:
+    """``[b, l]`` float32 weight of each target's loss: the batch's ``loss_weights`` (1 on an
+    instruction example's response and EOS, 0 on its prompt; 1 on documents) on real targets.
+    A batch without them (built by hand) weighs every real target."""
+    if "loss_weights" not in batch:
+        return real_targets(batch)
+    return real_targets(batch) * batch["loss_weights"].astype(jnp.float32)
 
 
 def chunked_cross_entropy(
