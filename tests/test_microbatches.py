@@ -89,7 +89,7 @@ def test_microbatches_give_the_whole_batch_update(whole_batch, microbatches, chu
     """New params, AdamW moments and every metric (loss and per-source sums, grad norm) agree."""
     expected_state, expected_metrics = whole_batch
     state, metrics = one_step(microbatches, chunk_size)
-    for key in ("tokens", "source_tokens", "steps"):
+    for key in ("loss_tokens", "source_loss_tokens", "source_tokens", "steps"):
         np.testing.assert_array_equal(metrics[key], expected_metrics[key], err_msg=key)
     for key in ("loss_sum", "source_loss_sum", "grad_norm"):
         np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=RTOL, err_msg=key)
