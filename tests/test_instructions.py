@@ -205,6 +205,18 @@ def token_cross_entropy(params, config: ModelConfig, batch: dict[str, np.ndarray
     return -np.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
 
 
+def masked_mean_loss(params, batch: dict[str, np.ndarray]) -> jax.Array:
+    """The mean cross entropy over response tokens, written here for its gradient."""
+    logits = Transformer(TINY).apply(
+        {"params": params},
+        batch["inputs"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return (losses * batch["loss_weights"]).sum() / batch["loss_weights"].sum()
+
+
 def perturbed_targets(batch: dict, where: np.ndarray, seed: int) -> dict:
     """``batch`` with other targets at ``where``: those tokens' losses change, no logit does."""
     targets = batch["targets"].copy()
@@ -234,6 +246,9 @@ def test_train_step_loss_is_the_mean_over_response_tokens(local_data, local_inst
         assert metrics["source_loss_tokens"][source] == weights[rows].sum()
         assert metrics["source_tokens"][source] == rows.sum() * 128  # all tokens: the shares
     assert abs(losses.mean() - expected) > 1e-3  # an all-token mean would not pass the above
+    # The update is this mean's gradient: not a sum, nor a mean over all tokens.
+    expected_norm = float(optax.tree.norm(jax.grad(masked_mean_loss)(params, batch)))
+    assert metrics["grad_norm"] == pytest.approx(expected_norm, rel=1e-4)
 
     prompt_loss, response_loss = (m["loss_sum"] / m["loss_tokens"] for m in perturbed)
     assert prompt_loss == pytest.approx(expected, rel=1e-6)
