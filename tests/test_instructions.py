@@ -3,11 +3,14 @@ checked token by token against the raw records, through ingest, the mixture, the
 `codemix train`; bad instruction files are refused by file, line and field before anything is
 written."""
 
+import ast
 import functools
 import json
 import logging
 import math
+import sysconfig
 from pathlib import Path
+from pydoc_data import topics
 
 import gin
 import jax
@@ -429,22 +432,27 @@ def test_paper_b_instruction_sources_parse():
 
 
 def test_local_sets_are_the_installs_own_text(local_instructions):
-    """Code responses are function bodies exactly as in the stdlib file, right after the prompt's
-    head; text titles are headings of the topic."""
-    import sysconfig
-    from pydoc_data import topics
-
+    """Code examples are whole stdlib functions, cut after the docstring: head in the prompt, the
+    rest of the function, exactly, as the response. Text titles are headings of their topic."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     code = read_jsonl(f"{local_instructions}/code.jsonl")
     assert len(code) == 150
     for record in code[:20]:
-        module = record["id"].removeprefix("code:").rsplit(".", 1)[0]
+        module, name = record["id"].removeprefix("code:").rsplit(".", 1)
         path = stdlib / (module.replace(".", "/") + ".py")
         if not path.exists():
             path = stdlib / module.replace(".", "/") / "__init__.py"
+        source = path.read_text()
+        function = next(
+            node
+            for node in ast.parse(source).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name
+        )
         head = record["prompt"].split("\n\n", 1)[1]
-        assert head + record["response"] in path.read_text(), record["id"]
-        assert record["response"].strip() and head.lstrip().startswith(("def ", "async def ", "@"))
+        assert head.endswith('"""\n') or head.endswith("'\n"), record["id"]  # the docstring's end
+        whole = (head + record["response"]).rstrip("\n")
+        assert whole.endswith(ast.get_source_segment(source, function)), record["id"]
+        assert whole in source and record["response"].strip(), record["id"]
     text = read_jsonl(f"{local_instructions}/text.jsonl")
     assert len(text) == 150
     titles = [r for r in text if r["id"].endswith(":title")]
