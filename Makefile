@@ -22,7 +22,10 @@ $(DATA)/corpus/manifest.json: | venv
 $(DATA)/spm.model: $(DATA)/corpus/manifest.json
 	$(BIN)/codemix train-vocab --corpus_dir $(DATA)/corpus --out_path $@ --vocab_size 2048
 
-data: $(DATA)/spm.model
+$(DATA)/instructions/code/ingest_manifest.json: | venv
+	$(BIN)/codemix build-instructions --out_dir $(DATA)/instructions
+
+data: $(DATA)/spm.model $(DATA)/instructions/code/ingest_manifest.json
 
 demo: data
 	$(BIN)/codemix train --gin_file gin/experiments/smoke.gin --run_dir $(RUN_DIR)
