@@ -343,7 +343,8 @@ def _convert(job: _Job, tmp_dir: str) -> dict:
                 if _is_validation(name, record.index, settings.validation_fraction)
                 else "train"
             )
-            writers[split].write(_serialized(converted.features), *converted[1:])
+            record_bytes = _serialized(converted.features)
+            writers[split].write(record_bytes, converted.text_bytes, converted.tokens)
     except IngestError:
         raise
     except Exception as error:

@@ -30,7 +30,7 @@ from codemix_jax.data.instructions import PROMPT, RESPONSE, InstructionFields
 INSTRUCTION_SETS = ("text", "code")  # source names paper B's text:code schedules use
 INSTRUCTION_GLOB = "{instructions_dir}/{name}/{split}-{name}-*.tfrecord"
 
-_MAX_FUNCTION_CHARS = 1500  # a few hundred tokens: most of an example fits one 512-token row
+_MAX_FUNCTION_CHARS = 1500  # at most a few hundred tokens: short enough to tune a tiny model on
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})  # test suites: fixtures, not library code
 _CODE_PROMPT = "Write the body of this function from Python's `{module}` module.\n\n{head}"
 _TITLE_PROMPT = (
