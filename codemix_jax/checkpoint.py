@@ -4,6 +4,7 @@ A step's checkpoint has three items: ``state`` (sharded params, optimizer state,
 straight into the current mesh's shardings), ``data`` (one tf.data iterator state per process, so
 the input resumes exactly where it stopped), and ``meta`` (JSON: the run's identity, see
 ``run_identity``, used to refuse a checkpoint of another run before touching any array).
+``Checkpoints`` writes and resumes a run's own checkpoints; ``SavedRun`` reads another run's.
 """
 
 from __future__ import annotations
@@ -80,14 +81,46 @@ def run_identity(*, model_config: Any, input_settings: dict, seed: int) -> dict:
     }
 
 
-class Checkpoints:
-    """Periodic, asynchronous checkpoints of one run, keeping the newest ``keep``."""
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def __init__(self, directory: str, *, save_every: int, keep: int = 3):
+
+class Checkpoints:
+    """Periodic, asynchronous checkpoints of one run, with a keep policy for evaluation."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_every: int,
+        keep: int = 3,
+        keep_every: int = 0,
+        asynchronous: bool = True,
+    ):
+        """Keeps the newest ``keep`` checkpoints, plus for good every one whose step is a multiple
+        of ``keep_every`` (0: none), which must then be a multiple of ``save_every``.
+
+        ``asynchronous=False`` writes inside ``save`` (for benchmarking the difference). The
+        directory is created by the first save, so a run refused at its start leaves nothing.
+        """
         if save_every < 1:
             raise ValueError(f"checkpoint interval must be >= 1 step, got {save_every}")
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (the newest one resumes), got {keep}")
+        if keep_every < 0 or keep_every % save_every:
+            raise ValueError(
+                f"keep_every={keep_every} must be 0 (off) or a multiple of the checkpoint "
+                f"interval {save_every}: only saved steps can be kept"
+            )
         self._save_every = save_every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if keep_every:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=asynchronous,
+            create=False,
+        )
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=options,
@@ -100,6 +133,10 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def meta(self, step: int) -> dict:
+        """The run identity saved with ``step`` (see ``run_identity``)."""
+        return _read_meta(self._manager, step)
 
     def save(
         self, step: int, *, state: Any, batches: HostBatches, meta: dict, force: bool = False
@@ -119,8 +156,7 @@ class Checkpoints:
 
     def restore(self, step: int, *, abstract_state: Any, batches: HostBatches, meta: dict) -> Any:
         """Restore ``step`` into ``abstract_state``'s shardings and rewind ``batches`` to it."""
-        saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        _check_same_run(saved["meta"], meta, step)
+        _check_same_run(self.meta(step), meta, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -130,24 +166,102 @@ class Checkpoints:
         )
         return restored["state"]
 
+    def wait(self) -> None:
+        """Block until pending writes are on disk."""
+        self._manager.wait_until_finished()
+
     def close(self) -> None:
         """Wait for pending writes, then release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
 
 
-def _check_same_run(saved: dict, current: dict, step: int) -> None:
-    differences = [
+class SavedRun:
+    """Another run's checkpoints, read only: where a new stage takes its initial state from."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def meta(self, step: int) -> dict:
+        return _read_meta(self._manager, step)
+
+    def restore_state(self, step: int, parts: dict[str, Any]) -> dict[str, Any]:
+        """Only the named parts of the saved train state (e.g. ``{"params": abstract}``), each
+        restored into its abstract tree's shardings: saved by any mesh or number of processes.
+
+        Refused, naming the entries, unless the saved parts hold exactly these arrays (orbax
+        would leave a missing one unrestored; another optimizer's state has other entries).
+        """
+        saved = self._manager.item_metadata(step)["state"].tree
+        saved_shapes = {
+            array.name: array.shape
+            for array in jax.tree.leaves(saved)
+            if array.name.split(".")[0] in parts
+        }
+        wanted = {
+            ".".join(_key_name(key) for key in path): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(parts)
+        }
+        if found := _tree_differences(saved_shapes, wanted):
+            raise CheckpointMismatchError(
+                f"{self.directory} step {step} holds another {' and '.join(parts)} than this "
+                f"run's ({found})"
+            )
+        args = ocp.args.PyTreeRestore(
+            item=parts,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(parts),
+            partial_restore=True,
+        )
+        return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+
+def _key_name(key: Any) -> str:
+    """A pytree path entry as orbax names it (dict key, attribute or index)."""
+    for field in ("key", "name", "idx"):
+        if hasattr(key, field):
+            return str(getattr(key, field))
+    raise TypeError(f"unexpected pytree key {key!r}")
+
+
+def _tree_differences(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str:
+    """Arrays missing from ``saved``, not wanted, or of another shape; the first few of each."""
+    kinds = {
+        "missing": sorted(wanted.keys() - saved.keys()),
+        "not in this run": sorted(saved.keys() - wanted.keys()),
+        "other shape": sorted(k for k in wanted.keys() & saved.keys() if saved[k] != wanted[k]),
+    }
+    return "; ".join(f"{kind}: {', '.join(names[:3])}" for kind, names in kinds.items() if names)
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """``section.key: saved X vs now Y`` for each field of ``current`` that ``saved`` does not
+    share, less the runtime-only fields."""
+    return [
         f"{section}.{key}: saved {saved.get(section, {}).get(key)!r} vs now {value!r}"
         for section, values in current.items()
         for key, value in values.items()
         if (section, key) not in RUNTIME_ONLY_FIELDS
         and saved.get(section, {}).get(key) != _as_json(value)
     ]
-    if differences:
+
+
+def _check_same_run(saved: dict, current: dict, step: int) -> None:
+    if found := differences(saved, current):
         raise CheckpointMismatchError(
             f"the checkpoint at step {step} was written with other settings "
-            f"({', '.join(differences)}); resume with the settings it was written with, or "
+            f"({', '.join(found)}); resume with the settings it was written with, or "
             "start a new --run_dir"
         )
 

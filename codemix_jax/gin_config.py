@@ -14,6 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules whose gin configurables experiment files may bind; imported before parsing.
 CONFIGURABLE_MODULES = (
     "codemix_jax.data",
+    "codemix_jax.init_from",
     "codemix_jax.metrics",
     "codemix_jax.model",
     "codemix_jax.optim",

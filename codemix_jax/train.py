@@ -16,9 +16,10 @@ from codemix_jax import gin_config, sharding
 from codemix_jax.checkpoint import Checkpoints, run_identity
 from codemix_jax.compiled_step import load as load_compiled_step
 from codemix_jax.data import MixtureInput
+from codemix_jax.init_from import InitFrom, start_state
 from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
 from codemix_jax.model import ModelConfig, training_flops_per_token
-from codemix_jax.train_state import build_train_program, global_batch, init_train_state
+from codemix_jax.train_state import build_train_program, global_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,11 @@ def train(
     log_every: int = 10,
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 3,
+    keep_every: int = 0,
     seed: int = 0,
     microbatches: int = 1,
     compiled_step: str = "",
+    init_from: InitFrom | None = None,
 ) -> dict[str, float]:
     """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
@@ -52,10 +55,14 @@ def train(
       optimizer: builds the optax transformation from the schedule.
       checkpoint_every: save params, optimizer and input position every this many steps (and at
         the end); the newest ``keep_checkpoints`` are kept.
+      keep_every: also keep for good every checkpoint whose step is a multiple of this (the ones
+        a later evaluation reads); 0 = off, else a multiple of ``checkpoint_every``.
       microbatches: take each global batch in this many passes, summing gradients (less
         activation memory, the same update); must divide every host's and device's rows.
       compiled_step: a step saved by `codemix aot --save_compiled` to run instead of compiling
         one; refused, before anything is written, unless it was compiled from this very step.
+      init_from: start from another run's checkpoint (a new stage) instead of a fresh init, at
+        step 0; ignored once ``run_dir`` has checkpoints of its own (it resumes from those).
     Returns:
       The scalars of the last logged step (empty if there was nothing left to train).
     """
@@ -75,21 +82,21 @@ def train(
             process_index=jax.process_index(), process_count=jax.process_count()
         )
         checkpoints = Checkpoints(
-            os.path.join(run_dir, "checkpoints"), save_every=checkpoint_every, keep=keep_checkpoints
+            os.path.join(run_dir, "checkpoints"),
+            save_every=checkpoint_every,
+            keep=keep_checkpoints,
+            keep_every=keep_every,
         )
-        meta = run_identity(
-            model_config=model_config, input_settings=dataset.stream_settings(), seed=seed
+        state, start_step, meta = start_state(
+            checkpoints=checkpoints,
+            program=program,
+            batches=batches,
+            meta=run_identity(
+                model_config=model_config, input_settings=dataset.stream_settings(), seed=seed
+            ),
+            seed=seed,
+            init_from=init_from,
         )
-        start_step = checkpoints.latest_step() or 0
-        if start_step:
-            log.info("resuming from the checkpoint at step %d", start_step)
-            state = checkpoints.restore(
-                start_step, abstract_state=program.abstract_state, batches=batches, meta=meta
-            )
-        else:
-            state = init_train_state(
-                model=program.model, tx=program.tx, shardings=program.shardings, seed=seed
-            )
         gin_config.write_operative_config(run_dir)
         writer = MetricsWriter(run_dir)
         logger = IntervalLogger(

@@ -72,6 +72,38 @@ def init_train_state(
     return init(jax.random.key(seed))
 
 
+def stage_start_state(
+    *,
+    params: Any,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    opt_state: optax.OptState | None = None,
+) -> TrainState:
+    """Step 0 around ``params`` taken from another run: the start of a new training stage.
+
+    Without ``opt_state`` the optimizer starts fresh. With it (the other run's), the moments and
+    Adam's bias-correction count carry over, but every LR schedule counter restarts at 0: the new
+    stage runs its own schedule from its own step 0, the LR the loop logs. The inputs are donated.
+    """
+
+    def start(params, opt_state):
+        opt_state = tx.init(params) if opt_state is None else _restart_schedules(opt_state)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    return jax.jit(start, out_shardings=shardings, donate_argnums=(0, 1))(params, opt_state)
+
+
+def _restart_schedules(opt_state: optax.OptState) -> optax.OptState:
+    def is_schedule(node) -> bool:
+        return isinstance(node, optax.ScaleByScheduleState)
+
+    return jax.tree.map(
+        lambda node: node._replace(count=jnp.zeros_like(node.count)) if is_schedule(node) else node,
+        opt_state,
+        is_leaf=is_schedule,
+    )
+
+
 def make_train_step(
     *,
     model: Transformer,
