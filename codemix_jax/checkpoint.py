@@ -186,7 +186,8 @@ class SavedRun:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(),
+                "state": ocp.PyTreeCheckpointHandler(),  # it can restore a part of the tree
+                "data": DataIteratorHandler(),  # not read: a new stage starts its own input
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )

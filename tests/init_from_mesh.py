@@ -9,7 +9,8 @@ devices each, mesh fsdp=4) saves a fresh train state (seed 1) as step 1 of ``run
 ``start_state`` takes each of ``sources`` (``[run_dir, step]`` pairs) with its optimizer state; for
 source ``i`` it writes ``out/<i>.npz``, the leaves of the restored ``{"params", "opt_state"}``
 (``jax.tree.leaves`` order) and ``step``, and prints ``RESULT {"mesh": ..., "misplaced": [...]}``:
-per source, the restored arrays not laid out as the run's own state shardings.
+per source, the arrays not laid out as the run's own state shardings, as orbax restores them and
+in the stage's first state.
 
 Both read ``bindings`` (gin, for the data paths) from the JSON.
 """
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from codemix_jax import gin_config  # noqa: E402
-from codemix_jax.checkpoint import Checkpoints, run_identity  # noqa: E402
+from codemix_jax.checkpoint import Checkpoints, SavedRun, run_identity  # noqa: E402
 from codemix_jax.init_from import InitFrom, start_state  # noqa: E402
 from codemix_jax.train_state import build_train_program, init_train_state  # noqa: E402
 
@@ -73,7 +74,12 @@ def write(program, dataset, meta) -> None:
 
 def init(program, dataset, meta) -> None:
     misplaced = []
+    abstract = program.abstract_state
+    parts = {"params": abstract.params, "opt_state": abstract.opt_state}
     for index, (run_dir, step) in enumerate(SPEC["sources"]):
+        # Orbax reads each array straight into its shards here (no gathering on one host)...
+        restored = SavedRun(os.path.join(run_dir, "checkpoints")).restore_state(step, parts)
+        # ...and the stage starts from them as codemix train starts it.
         state, start, _ = start_state(
             checkpoints=Checkpoints(os.path.join(SPEC["out"], f"empty_{index}"), save_every=1),
             program=program,
@@ -82,14 +88,19 @@ def init(program, dataset, meta) -> None:
             seed=0,
             init_from=InitFrom(run_dir, step=step, with_optimizer=True),
         )
-        placed = jax.tree.map(
-            lambda array, sharding: array.sharding == sharding, state, program.shardings
-        )
-        misplaced.append(sum(not ok for ok in jax.tree.leaves(placed)))
+        misplaced.append(_misplaced(restored, parts) + _misplaced(state, abstract))
         leaves = jax.tree.leaves({"params": state.params, "opt_state": state.opt_state})
         arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
         np.savez(os.path.join(SPEC["out"], f"{index}.npz"), step=start, **arrays)
     print("RESULT " + json.dumps({"mesh": dict(program.mesh.shape), "misplaced": misplaced}))
+
+
+def _misplaced(arrays, abstract) -> int:
+    """How many of ``arrays`` are not laid out as their abstract counterparts say."""
+    placed = jax.tree.map(
+        lambda array, want: getattr(array, "sharding", None) == want.sharding, arrays, abstract
+    )
+    return sum(not ok for ok in jax.tree.leaves(placed))
 
 
 if __name__ == "__main__":
