@@ -172,7 +172,7 @@ class Checkpoints:
 
     def close(self) -> None:
         """Wait for pending writes, then release the manager."""
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 

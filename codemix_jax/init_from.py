@@ -104,7 +104,8 @@ def _init_from(
             f"cannot initialise from {source.directory} step {step}: it holds another model "
             f"({', '.join(found)})"
         )
-    log.info("initialising from %s step %d (%s)", source.directory, step, _parts(init_from))
+    taken = "params and optimizer state" if init_from.with_optimizer else "params only"
+    log.info("initialising from %s step %d (%s)", source.directory, step, taken)
     abstract = program.abstract_state
     parts = {"params": abstract.params}
     if init_from.with_optimizer:
@@ -135,10 +136,6 @@ def _source_step(source: SavedRun, init_from: InitFrom) -> int:
             f"(it has steps {sorted(steps)})"
         )
     return init_from.step
-
-
-def _parts(init_from: InitFrom) -> str:
-    return "params and optimizer state" if init_from.with_optimizer else "params only"
 
 
 def _config_hash(meta: dict) -> str:

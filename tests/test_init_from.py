@@ -194,6 +194,9 @@ def test_keep_every_keeps_the_newest_and_every_multiple(local_data, source_run, 
     for keep_every in (3, -2):
         with pytest.raises(ValueError, match=f"keep_every={keep_every} must be 0"):
             Checkpoints(str(tmp_path / "other"), save_every=2, keep_every=keep_every)
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+        Checkpoints(str(tmp_path / "other"), save_every=2, keep=0)
+    assert not (tmp_path / "other").exists()
 
 
 def run_script(*args: str) -> subprocess.Popen:
