@@ -156,7 +156,7 @@ class Checkpoints:
 
     def restore(self, step: int, *, abstract_state: Any, batches: HostBatches, meta: dict) -> Any:
         """Restore ``step`` into ``abstract_state``'s shardings and rewind ``batches`` to it."""
-        _check_same_run(self.meta(step), meta, step)
+        check_same_run(self.meta(step), meta, step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -258,7 +258,8 @@ def differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def _check_same_run(saved: dict, current: dict, step: int) -> None:
+def check_same_run(saved: dict, current: dict, step: int) -> None:
+    """Refuses a checkpoint's ``saved`` meta unless it matches ``current``, naming each field."""
     if found := differences(saved, current):
         raise CheckpointMismatchError(
             f"the checkpoint at step {step} was written with other settings "

@@ -1,5 +1,5 @@
-"""The ``codemix`` command: train, params, build-corpus, build-instructions, train-vocab, ingest,
-mixture-report, aot."""
+"""The ``codemix`` command: train, experiment, params, build-corpus, build-instructions,
+train-vocab, ingest, mixture-report, aot."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import gin
 import jax
 
-from codemix_jax import aot, gin_config
+from codemix_jax import aot, experiment, gin_config
 from codemix_jax.data import MixtureInput, build_local_corpus, train_vocab
 from codemix_jax.data.ingest import ingest
 from codemix_jax.data.instruction_sets import build_local_instructions
@@ -47,6 +47,15 @@ def _train(args: argparse.Namespace) -> None:
     gin_config.parse(args.gin_file, [*args.gin_bindings, *saved_step])
     metrics = train(run_dir=args.run_dir)
     log.info("done: %s", json.dumps(metrics))
+
+
+def _experiment(args: argparse.Namespace) -> None:
+    plan = experiment.plan_experiment(
+        gin_files=args.gin_file, bindings=args.gin_bindings, root=args.root, scale=args.scale
+    )
+    print(experiment.format_plan(plan), flush=True)
+    if not args.dry_run:
+        experiment.run_experiment(plan, only=args.stage)
 
 
 def _params(args: argparse.Namespace) -> None:
@@ -137,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--compiled_step", help="run the step `codemix aot --save_compiled` wrote, not compiling"
     )
     train_cmd.set_defaults(run=_train)
+
+    experiment_cmd = commands.add_parser(
+        "experiment", help="run an arm's stages in order (rerun to continue after a stop)"
+    )
+    _add_gin_flags(experiment_cmd)
+    experiment_cmd.add_argument("--root", required=True, help="each stage runs in ROOT/<stage>")
+    experiment_cmd.add_argument(
+        "--scale", default="full", help="'full' (as written) or a scale the arm names, e.g. tiny"
+    )
+    experiment_cmd.add_argument("--stage", help="run only this stage (its init must be finished)")
+    experiment_cmd.add_argument(
+        "--dry_run", action="store_true", help="print the plan; train and write nothing"
+    )
+    experiment_cmd.set_defaults(run=_experiment)
 
     params_cmd = commands.add_parser("params", help="count a gin model's parameters abstractly")
     _add_gin_flags(params_cmd)

@@ -19,6 +19,7 @@ CONFIGURABLE_MODULES = (
     "codemix_jax.model",
     "codemix_jax.optim",
     "codemix_jax.sharding",
+    "codemix_jax.stages",
     "codemix_jax.train",
 )
 

@@ -132,7 +132,9 @@ def summarize(totals: Mapping[str, jax.Array], source_names: Sequence[str]) -> d
 class IntervalLogger:
     """Sums step metrics on device and, every ``log_every`` steps, writes their means.
 
-    Summing on device keeps the host from waiting on every step; only logged steps sync.
+    Step 1 and the last step are always written too: a stage's first and last LR are in its
+    metrics (the next stage may start from the last one). Summing on device keeps the host from
+    waiting on every step; only logged steps sync.
     """
 
     def __init__(
@@ -166,7 +168,7 @@ class IntervalLogger:
         if step == self._first_step:  # Keep compilation out of the throughput figures.
             jax.block_until_ready(self._totals)
             self._throughput.reset(step)
-        if step % self._log_every and step != self._num_steps:
+        if step % self._log_every and step not in (1, self._num_steps):
             return None
         scalars = summarize(self._totals, self._source_names)
         scalars["learning_rate"] = float(self._learning_rate(step - 1))

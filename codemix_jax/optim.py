@@ -62,9 +62,22 @@ def warmup_stable_decay(
 
 
 @gin.configurable
+def warmup_constant(*, peak: float, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then ``peak`` for good: WSD's warmup and stable phases as a stage of
+    their own, whose decay is a ``linear_anneal`` stage started from this one's last LR."""
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)],
+        boundaries=[warmup_steps],
+    )
+
+
+@gin.configurable
 def linear_anneal(*, start: float, total_steps: int, final: float = 1e-6) -> optax.Schedule:
-    """Cooldown: linear from ``start`` (the previous stage's last LR) to ``final``."""
-    return optax.linear_schedule(start, final, total_steps)
+    """Cooldown: linear from ``start`` (the previous stage's last LR) at the first step to
+    ``final`` at the last (``total_steps - 1``): the run both starts and ends at the given LRs."""
+    if total_steps < 1:
+        raise ValueError(f"linear_anneal needs total_steps >= 1, got {total_steps}")
+    return optax.linear_schedule(start, final, max(total_steps - 1, 1))
 
 
 @gin.configurable

@@ -39,7 +39,7 @@ def test_smoke_training_lowers_loss_and_writes_outputs(local_data, tmp_path):
     assert run_cli(["train", "--gin_file", SMOKE, "--run_dir", str(run_dir)], bindings) == 0
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert [r["step"] for r in records] == [1, 10, 20, 30, 40]
     for key in ("loss", "learning_rate", "tokens_per_second", "mfu", "grad_norm"):
         assert all(key in r for r in records), key
     for source in ("code", "text", "markup"):

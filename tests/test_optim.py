@@ -41,12 +41,18 @@ def test_wsd_rejects_overlong_warmup():
         optim.warmup_stable_decay(peak=1.0, warmup_steps=100, total_steps=110)
 
 
-def test_linear_anneal_reaches_final():
-    schedule = optim.linear_anneal(start=3e-4, total_steps=100, final=1e-6)
+def test_linear_anneal_starts_and_ends_at_the_given_lrs():
+    """The first step (count 0) trains at ``start``, the last (count 100 of 101) at ``final``."""
+    schedule = optim.linear_anneal(start=3e-4, total_steps=101, final=1e-6)
     start, mid, final = values(schedule, [0, 50, 100])
     assert start == pytest.approx(3e-4)
     assert mid == pytest.approx((3e-4 + 1e-6) / 2)
     assert final == pytest.approx(1e-6)
+
+
+def test_warmup_constant_holds_the_peak_after_warmup():
+    schedule = optim.warmup_constant(peak=2e-3, warmup_steps=4)
+    assert values(schedule, [0, 2, 4, 1000]) == pytest.approx([0.0, 1e-3, 2e-3, 2e-3])
 
 
 def test_rsqrt_peaks_at_warmup_then_decays_as_inverse_sqrt():
