@@ -38,6 +38,7 @@ STAGE_BINDINGS = [
     "train.log_every = 1",
     "train.checkpoint_every = 1",
     "train.keep_checkpoints = 100",
+    "MixtureInput.shuffle_buffer_size = 16",
 ]
 
 
@@ -184,6 +185,16 @@ def test_the_2p8b_arm_differs_only_in_the_model(tmp_path):
             b.first_lr,
             b.last_lr,
         )
+
+
+def test_wsd_is_a_stable_stage_then_a_decay_stage_from_its_last_lr(tmp_path):
+    stable, decay = plan_experiment(
+        gin_files=["gin/experiments/smoke_wsd.gin"], root=str(tmp_path)
+    ).stages
+    assert (stable.first_lr, stable.last_lr) == (0.0, np.float32(3e-3))
+    assert (decay.first_lr, decay.last_lr) == (np.float32(3e-3), np.float32(3e-5))
+    assert (decay.init.name, decay.with_optimizer) == ("stable", True)
+    assert [stable.budget.steps, stable.warmup.steps, decay.budget.steps] == [300, 30, 75]
 
 
 def readme_arms() -> dict[str, list[tuple[str, float]]]:
