@@ -36,13 +36,30 @@ def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _train(args: argparse.Namespace) -> None:
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host run on a TPU pod or a managed cluster (jax.distributed auto-detects it)",
+    )
+    parser.add_argument(
+        "--coordinator_address", help="multi-process run elsewhere: process 0's host:port"
+    )
+    parser.add_argument("--num_processes", type=int, help="with --coordinator_address")
+    parser.add_argument("--process_id", type=int, help="with --coordinator_address")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
     if args.coordinator_address:
         jax.distributed.initialize(
             args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
         )
     elif args.distributed:
         jax.distributed.initialize()  # TPU pods and SLURM/GKE: the cluster is auto-detected.
+
+
+def _train(args: argparse.Namespace) -> None:
+    _start_distributed(args)
     saved_step = [f"train.compiled_step = {args.compiled_step!r}"] if args.compiled_step else []
     gin_config.parse(args.gin_file, [*args.gin_bindings, *saved_step])
     metrics = train(run_dir=args.run_dir)
@@ -50,6 +67,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
+    if not args.dry_run:
+        _start_distributed(args)
     plan = experiment.plan_experiment(
         gin_files=args.gin_file, bindings=args.gin_bindings, root=args.root, scale=args.scale
     )
@@ -132,16 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument(
         "--run_dir", required=True, help="metrics, TensorBoard, config.gin, checkpoints"
     )
-    train_cmd.add_argument(
-        "--distributed",
-        action="store_true",
-        help="multi-host run on a TPU pod or a managed cluster (jax.distributed auto-detects it)",
-    )
-    train_cmd.add_argument(
-        "--coordinator_address", help="multi-process run elsewhere: process 0's host:port"
-    )
-    train_cmd.add_argument("--num_processes", type=int, help="with --coordinator_address")
-    train_cmd.add_argument("--process_id", type=int, help="with --coordinator_address")
+    _add_distributed_flags(train_cmd)
     train_cmd.add_argument(
         "--compiled_step", help="run the step `codemix aot --save_compiled` wrote, not compiling"
     )
@@ -159,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_cmd.add_argument(
         "--dry_run", action="store_true", help="print the plan; train and write nothing"
     )
+    _add_distributed_flags(experiment_cmd)
     experiment_cmd.set_defaults(run=_experiment)
 
     params_cmd = commands.add_parser("params", help="count a gin model's parameters abstractly")
