@@ -66,19 +66,21 @@ def plan_experiment(
 
 
 def run_experiment(plan: ExperimentPlan, *, only: str | None = None) -> None:
-    """Train the stages that are not finished, in order (or only the stage named ``only``)."""
-    indices = range(len(plan.stages))
-    if only is not None:
-        indices = [plan.experiment.stage_index(only)]
-        require_finished_init(plan.stages[indices[0]])
+    """Train the stages that are not finished, in order (or only the stage named ``only``).
+
+    Each stage is planned again just before it runs, so it sees what the stages before it left:
+    their final checkpoints and the LR they logged last.
+    """
+    indices = range(len(plan.stages)) if only is None else [plan.experiment.stage_index(only)]
     for index in indices:
         stage = plan.stages[index] = plan.plan(index)
+        where = (stage.name, stage.latest_step, stage.run_dir)
         if stage.finished:
-            log.info("stage %r is finished (step %d in %s): skipping", *_where(stage))
+            log.info("stage %r is finished (step %d in %s): skipping", *where)
             continue
         require_finished_init(stage)
         if stage.latest_step:
-            log.info("stage %r: resuming at step %d in %s", *_where(stage))
+            log.info("stage %r: resuming at step %d in %s", *where)
         else:
             log.info("stage %r: starting in %s, %s", stage.name, stage.run_dir, _init_text(stage))
         gin_config.parse(stage.gin_files, stage.bindings)
@@ -110,10 +112,6 @@ def _scaled_text(stage: StagePlan, scale: Scale) -> str:
     if scale.token_divisor == 1:
         return ""
     return f"; {short_tokens(stage.full_tokens)} at full scale / {scale.token_divisor:,g}"
-
-
-def _where(stage: StagePlan) -> tuple[str, int, str]:
-    return stage.name, stage.latest_step, stage.run_dir
 
 
 def _init_text(stage: StagePlan) -> str:

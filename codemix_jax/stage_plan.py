@@ -17,10 +17,11 @@ import numpy as np
 
 from codemix_jax import gin_config, run_dir
 from codemix_jax.budget import Budget, token_budget, warmup_budget
-from codemix_jax.checkpoint import CheckpointMismatchError, check_same_run, run_identity
+from codemix_jax.checkpoint import CheckpointMismatchError, run_identity
+from codemix_jax.checkpoint import check_same_run
 from codemix_jax.data import MixtureInput
 from codemix_jax.model import ModelConfig
-from codemix_jax.stages import PREVIOUS, Experiment
+from codemix_jax.stages import PREVIOUS, Experiment, Stage
 
 _REQUIRED = object()
 
@@ -83,31 +84,13 @@ def plan_stage(
     init = None if init_index is None else earlier[init_index]
     files = (*arm_files, *stage.gin_files)
     own = (*stage.bindings, *cli_bindings)
-    gin_config.parse(files, own)
-    tokens_per_step = _bound("MixtureInput.global_batch_size", what) * _bound(
-        "MixtureInput.seq_len", what
-    )
-    budget = token_budget(stage.tokens / token_divisor, tokens_per_step=tokens_per_step, what=what)
-    warmup = None
-    if stage.warmup_tokens is not None:
-        warmup = warmup_budget(
-            stage.warmup_tokens / token_divisor, tokens_per_step=tokens_per_step, what=what
-        )
+    gin_config.parse(files, own)  # The batch, which turns tokens into steps.
+    budget, warmup = _budgets(stage, token_divisor, what)
     start_lr, start_lr_source = _start_lr(stage.start_lr, init)
     runner = _runner_bindings(budget, warmup, start_lr, init, stage.with_optimizer)
     gin_config.parse(files, (*own, *runner))
-    if _bound("train.num_steps", what) != budget.steps:
-        raise ValueError(
-            f"{what}: train.num_steps is {_bound('train.num_steps', what)}, not the {budget.steps} "
-            "steps of its token budget; bind train.num_steps = %NUM_STEPS (gin/base.gin does)"
-        )
     dataset = MixtureInput()
-    first_lr, last_lr = _learning_rates(what, budget.steps)
-    if start_lr is not None and np.float32(first_lr) != np.float32(start_lr):
-        raise ValueError(
-            f"{what}: start_lr gives START_LR = {start_lr!r} but its schedule starts at "
-            f"{first_lr!r}; does its schedule read %START_LR (gin/schedules/linear_anneal.gin)?"
-        )
+    first_lr, last_lr = _checked_learning_rates(what, budget.steps, start_lr)
     stage_dir = os.path.join(root, stage.name)
     latest = run_dir.latest_step(stage_dir)
     if latest is not None:
@@ -143,6 +126,17 @@ def require_finished_init(plan: StagePlan) -> None:
             f"stage {plan.name!r} starts from stage {init.name!r}, which has not finished: "
             f"{found} of {init.budget.steps:,} in {init.run_dir}; run stage {init.name!r} first"
         )
+
+
+def _budgets(stage: Stage, token_divisor: float, what: str) -> tuple[Budget, Budget | None]:
+    """The stage's steps and warmup steps, at ``global_batch_size x seq_len`` tokens a step."""
+    batch = _bound("MixtureInput.global_batch_size", what)
+    tokens_per_step = batch * _bound("MixtureInput.seq_len", what)
+    budget = token_budget(stage.tokens / token_divisor, tokens_per_step=tokens_per_step, what=what)
+    if stage.warmup_tokens is None:
+        return budget, None
+    warmup = stage.warmup_tokens / token_divisor
+    return budget, warmup_budget(warmup, tokens_per_step=tokens_per_step, what=what)
 
 
 def _start_lr(start_lr: float | str | None, init: StagePlan | None) -> tuple[float | None, str]:
@@ -187,10 +181,24 @@ def _runner_bindings(
     return tuple(bindings)
 
 
-def _learning_rates(what: str, num_steps: int) -> tuple[float, float]:
-    """The schedule's LR at the first and the last step (step s trains with schedule(s - 1))."""
+def _checked_learning_rates(
+    what: str, num_steps: int, start_lr: float | None
+) -> tuple[float, float]:
+    """The LR at the first and the last step (step s trains with schedule(s - 1)), once the run's
+    length and first LR are seen to be the ones the runner bound."""
+    if _bound("train.num_steps", what) != num_steps:
+        raise ValueError(
+            f"{what}: train.num_steps is {_bound('train.num_steps', what)}, not the {num_steps} "
+            "steps of its token budget; bind train.num_steps = %NUM_STEPS (gin/base.gin does)"
+        )
     schedule = _bound("train.learning_rate", what)
-    return float(schedule(0)), float(schedule(num_steps - 1))
+    first, last = float(schedule(0)), float(schedule(num_steps - 1))
+    if start_lr is not None and np.float32(first) != np.float32(start_lr):
+        raise ValueError(
+            f"{what}: start_lr gives START_LR = {start_lr!r} but its schedule starts at {first!r}; "
+            "does its schedule read %START_LR (gin/schedules/linear_anneal.gin)?"
+        )
+    return first, last
 
 
 def _check_checkpoint(
