@@ -267,6 +267,10 @@ def test_every_arm_plans_at_full_and_tiny_scale_with_the_readme_tokens(arm, tmp_
             ["--stage", "cooldown"],
             "starts from stage 'continued', which has not finished: no checkpoint of 12",
         ),
+        (
+            ["cooldown/Stage.gin_files = ['gin/schedules/cosine.gin']", "WARMUP_STEPS = 1"],
+            "stage 'cooldown': start_lr gives START_LR = 0.000",
+        ),
         (["--stage", "cooldwn"], "no stage 'cooldwn' in this experiment"),
         (["--scale", "tiny"], "unknown scale 'tiny'; this experiment has ['full']"),
     ],
@@ -276,6 +280,7 @@ def test_every_arm_plans_at_full_and_tiny_scale_with_the_readme_tokens(arm, tmp_
         "nothing_to_continue",
         "later_stage",
         "unfinished_init",
+        "start_lr_unread",
         "no_such_stage",
         "no_such_scale",
     ],
