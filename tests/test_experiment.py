@@ -213,10 +213,6 @@ def readme_arms() -> dict[str, list[tuple[str, float]]]:
 
 ARMS = sorted(glob.glob("gin/experiments/paper_[ab]/**/*.gin", recursive=True))
 ARMS = [arm for arm in ARMS if "/parts/" not in arm]
-IT_SOURCES = (
-    "gin/data/sources/paper_b_instructions.gin",
-    "gin/data/sources/local_instructions.gin",
-)
 
 
 def test_the_readme_table_lists_every_arm():
@@ -225,10 +221,6 @@ def test_the_readme_table_lists_every_arm():
 
 @pytest.mark.parametrize("arm", ARMS)
 def test_every_arm_plans_at_full_and_tiny_scale_with_the_readme_tokens(arm, tmp_path):
-    if "paper_b/" in arm and not arm.endswith(("pretrain_nl.gin", "pretrain_code.gin")):
-        missing = [path for path in IT_SOURCES if not os.path.exists(path)]
-        if missing:
-            pytest.skip(f"instruction sources of the instruction-tuning branch missing: {missing}")
     full = plan_experiment(gin_files=[arm], root=str(tmp_path))
     assert [(s.name, s.full_tokens) for s in full.stages] == readme_arms()[arm]
     tiny = plan_experiment(gin_files=[arm], root=str(tmp_path), scale="tiny")

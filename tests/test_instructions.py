@@ -277,9 +277,7 @@ def test_paper_b_schedules_give_exact_rows_of_instruction_sources(
         [
             f"local_instruction_sources.instructions_dir = '{local_instructions}'",
             f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
-            "PHASE_2_START = 2",
-            "PHASE_3_START = 4",
-            "PHASE_4_START = 6",
+            "NUM_STEPS = 8",  # four equal phases of 2 steps
             "MixtureInput.seq_len = 64",
             f"MixtureInput.global_batch_size = {batch_size}",
         ],
@@ -465,13 +463,14 @@ def test_local_sets_are_the_installs_own_text(local_instructions):
 def test_instruction_tuning_run_reports_the_response_only_loss(
     local_data, local_instructions, tmp_path
 ):
-    """The smoke IT experiment for 3 steps: step 3's logged loss and per-source losses are the
-    response-only means of batch 2 under the params saved at step 2; shares count all tokens."""
+    """The smoke IT experiment for 4 steps (one per phase): step 3's logged loss and per-source
+    losses are the response-only means of batch 2 under the params saved at step 2; shares count
+    all tokens."""
     run_dir = tmp_path / "run"
     bindings = [
         f"local_instruction_sources.instructions_dir = '{local_instructions}'",
         f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
-        "NUM_STEPS = 3",
+        "NUM_STEPS = 4",
         "WARMUP_STEPS = 1",
         "ModelConfig.max_seq_len = 128",
         "MixtureInput.seq_len = 128",
@@ -481,7 +480,7 @@ def test_instruction_tuning_run_reports_the_response_only_loss(
     flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
     assert cli.main(["train", "--gin_file", SMOKE_IT, "--run_dir", str(run_dir), *flags]) == 0
     records = read_jsonl(run_dir / "metrics.jsonl")
-    assert [record["step"] for record in records] == [1, 2, 3]
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
     record = records[2]
 
     gin_config.parse([SMOKE_IT], bindings)
