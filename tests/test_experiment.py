@@ -20,7 +20,12 @@ import tensorflow as tf
 
 from codemix_jax import cli, run_dir
 from codemix_jax.budget import token_budget, warmup_budget
-from codemix_jax.data import build_local_corpus, equal_phases, paper_a_local_sources
+from codemix_jax.data import (
+    MixtureInput,
+    build_local_corpus,
+    equal_phases,
+    paper_a_local_sources,
+)
 from codemix_jax.experiment import plan_experiment
 
 PAPER_A_FULL = 4_194_304  # tokens per step: batch 512 x sequence 8192
@@ -230,6 +235,10 @@ def test_every_arm_plans_at_full_and_tiny_scale_with_the_readme_tokens(arm, tmp_
         assert small.budget.tokens_per_step * 1024 == big.budget.tokens_per_step
         assert abs(small.budget.steps * ratio - big.budget.steps) <= ratio, small.name
         assert (small.first_lr, small.last_lr) != (big.first_lr, big.last_lr) or small.init
+    for index in range(len(tiny.stages)):
+        tiny.plan(index)  # Parses the stage's config: a tiny run reads local raw text.
+        for source in MixtureInput().sources:
+            assert not source.train.startswith("gs://") and not source.pretokenized, source
     assert not os.listdir(tmp_path)
 
 
