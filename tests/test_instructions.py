@@ -421,7 +421,8 @@ def test_instruction_source_settings_are_checked():
 
 def test_paper_b_instruction_sources_parse():
     gin_config.parse(
-        ["gin/data/sources/paper_b_instructions.gin", f"{SCHEDULES}/paper_b_uniform.gin"]
+        ["gin/data/sources/paper_b_instructions.gin", f"{SCHEDULES}/paper_b_uniform.gin"],
+        ["NUM_STEPS = 4000"],  # the run's length, which the four phases divide
     )
     config = MixtureInput(seq_len=1024, global_batch_size=512)
     assert config.source_names == ("text", "code")
