@@ -17,8 +17,7 @@ import numpy as np
 
 from codemix_jax import gin_config, run_dir
 from codemix_jax.budget import Budget, token_budget, warmup_budget
-from codemix_jax.checkpoint import CheckpointMismatchError, run_identity
-from codemix_jax.checkpoint import check_same_run
+from codemix_jax.checkpoint import CheckpointMismatchError, check_same_run, run_identity
 from codemix_jax.data import MixtureInput
 from codemix_jax.model import ModelConfig
 from codemix_jax.stages import PREVIOUS, Experiment, Stage
