@@ -320,3 +320,11 @@ def test_report_table_lists_every_source_with_its_difference():
     assert lines[1].split() == ["code", "300", "25.00%", "30.00%", "+5.00", "pp"]
     assert lines[2].split() == ["text", "700", "75.00%", "70.00%", "-5.00", "pp"]
     assert lines[3].split() == ["total", "1,000"]
+
+
+def test_source_whose_records_lack_its_features_is_named(local_data):
+    """Pretokenized settings over text shards would parse empty rows and train at loss 0."""
+    text_shards = local_sources(corpus_dir=local_data.corpus_dir)[0]
+    text_shards.require_files("train")
+    with pytest.raises(ValueError, match=r"have no \['targets'\] \(they hold \['text'\]\)"):
+        dataclasses.replace(text_shards, pretokenized=True).require_files("train")

@@ -137,6 +137,26 @@ class Source:
                 f"source {self.name!r}: no {self.format} files match {location!r}; "
                 f"write them with {make}."
             )
+        elif self.format == "tfrecord":
+            self._require_features(sorted(tf.io.gfile.glob(location))[0])
+
+    def _require_features(self, path: str) -> None:
+        """The first record of ``path`` must hold every feature this source parses: a missing
+        int64 feature parses as no tokens, so pretokenized settings over text shards (or
+        the reverse) would train silently on empty rows. A corrupt record is left to the reader,
+        which names the damaged file."""
+        try:
+            records = [record.numpy() for record in tf.data.TFRecordDataset(path).take(1)]
+        except tf.errors.DataLossError:
+            return
+        for record in records:
+            present = set(tf.train.Example.FromString(record).features.feature)
+            if missing := sorted(set(self._features()) - present):
+                raise ValueError(
+                    f"source {self.name!r}: the records of {path} have no {missing} (they hold "
+                    f"{sorted(present)}), which Source.kind={self.kind!r}, "
+                    f"pretokenized={self.pretokenized} reads"
+                )
 
     def tfrecord_files(self, split: str) -> list[str]:
         """The TFRecord files of ``split`` (none for other formats), for locating corrupt data."""
