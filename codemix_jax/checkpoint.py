@@ -81,6 +81,11 @@ def run_identity(*, model_config: Any, input_settings: dict, seed: int) -> dict:
     }
 
 
+def checkpoint_dir(run_dir: str) -> str:
+    """Where a run keeps its checkpoints: one place, for the run itself and for those reading it."""
+    return os.path.abspath(os.path.join(run_dir, "checkpoints"))
+
+
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 

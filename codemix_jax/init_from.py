@@ -18,7 +18,13 @@ import os
 
 import gin
 
-from codemix_jax.checkpoint import CheckpointMismatchError, Checkpoints, SavedRun, differences
+from codemix_jax.checkpoint import (
+    CheckpointMismatchError,
+    Checkpoints,
+    SavedRun,
+    checkpoint_dir,
+    differences,
+)
 from codemix_jax.data.mixture import HostBatches
 from codemix_jax.train_state import TrainProgram, TrainState, init_train_state, stage_start_state
 
@@ -96,7 +102,7 @@ def _init_from(
     init_from: InitFrom, *, program: TrainProgram, model: dict
 ) -> tuple[dict, TrainState]:
     """The other run's params (and optimizer state) at step 0, resharded onto this run's mesh."""
-    source = SavedRun(os.path.join(init_from.run_dir, "checkpoints"))
+    source = SavedRun(checkpoint_dir(init_from.run_dir))
     step = _source_step(source, init_from)
     saved = source.meta(step)
     if found := differences(saved, {"ModelConfig": model}):

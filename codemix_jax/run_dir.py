@@ -14,9 +14,11 @@ import os
 import orbax.checkpoint as ocp
 from etils import epath
 
+from codemix_jax.checkpoint import checkpoint_dir
+
 
 def _checkpoints(run_dir: str) -> epath.Path:
-    return epath.Path(os.path.abspath(os.path.join(run_dir, "checkpoints")))
+    return epath.Path(checkpoint_dir(run_dir))
 
 
 def latest_step(run_dir: str) -> int | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import gin
@@ -13,7 +12,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from codemix_jax import gin_config, sharding
-from codemix_jax.checkpoint import Checkpoints, run_identity
+from codemix_jax.checkpoint import Checkpoints, checkpoint_dir, run_identity
 from codemix_jax.compiled_step import load as load_compiled_step
 from codemix_jax.data import MixtureInput
 from codemix_jax.init_from import InitFrom, start_state
@@ -82,7 +81,7 @@ def train(
             process_index=jax.process_index(), process_count=jax.process_count()
         )
         checkpoints = Checkpoints(
-            os.path.join(run_dir, "checkpoints"),
+            checkpoint_dir(run_dir),
             save_every=checkpoint_every,
             keep=keep_checkpoints,
             keep_every=keep_every,
