@@ -18,16 +18,28 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from codemix_jax.data.mixture import HostBatches
+from codemix_jax.data.mixture import HostBatches, write_position
 
 
-class DataIteratorHandler(ocp.CheckpointHandler):
-    """Saves each process's input iterator in its own sub-directory of the item."""
+class DataIteratorHandler(ocp.AsyncCheckpointHandler):
+    """Saves each process's input position in its own sub-directory of the item.
+
+    The position is snapshot when the save starts (the training thread waits for that only) and
+    written by orbax's commit thread, with the state's arrays.
+    """
+
+    async def async_save(
+        self, directory: epath.Path, args: DataIteratorSave
+    ) -> list[ocp.future.Future]:
+        position = args.iterator.position()
+
+        async def write() -> None:
+            _write_position(directory, position)
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="input_position")]
 
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
-        path = _process_dir(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        args.iterator.save(str(path / "iterator"))
+        _write_position(directory, args.iterator.position())
 
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> HostBatches:
         path = _process_dir(directory)
@@ -37,8 +49,17 @@ class DataIteratorHandler(ocp.CheckpointHandler):
                 f"{sorted(p.name for p in directory.iterdir())}); was it written with another "
                 "number of processes?"
             )
-        args.iterator.restore(str(path / "iterator"))
+        args.iterator.restore(str(path / POSITION_FILE))
         return args.iterator
+
+
+POSITION_FILE = "position"
+
+
+def _write_position(directory: epath.Path, position: Any) -> None:
+    path = _process_dir(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    write_position(position, str(path / POSITION_FILE))
 
 
 def _process_dir(directory: epath.Path) -> epath.Path:

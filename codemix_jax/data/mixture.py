@@ -243,13 +243,12 @@ def check_shares(shares: Shares, names: Sequence[str]) -> None:
 class HostBatches(Iterator[dict[str, np.ndarray]]):
     """Iterator over host batches (numpy int32 dicts) whose position can be saved and restored.
 
-    The state holds the sources' read positions and shuffle buffers, not the data read so far, so
-    saving and restoring costs about the size of those buffers, whatever the step.
+    The position holds the sources' read positions and buffers (documents being tokenized and
+    packed, shuffled rows), not the data read so far, so it costs the same at any step.
     """
 
     def __init__(self, dataset: tf.data.Dataset, *, sources: Sequence[Source], split: str):
         self._iterator = iter(dataset)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
         self._sources, self._split = sources, split
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -261,12 +260,30 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
             raise CorruptDataError(_describe_corruption(files, error)) from error
         return {name: value.numpy() for name, value in batch.items()}
 
-    def save(self, path_prefix: str) -> str:
-        """Write the iterator state under ``path_prefix``; returns the checkpoint path."""
-        return self._checkpoint.write(path_prefix)
+    def position(self) -> tf.Tensor:
+        """A snapshot of the position (a variant tensor) that reading on does not change.
 
-    def restore(self, checkpoint_path: str) -> None:
-        self._checkpoint.read(checkpoint_path).assert_consumed()
+        Taking it copies the buffers (milliseconds); turning it into bytes and writing it, the
+        slower part, can then happen in the background (``write_position``).
+        """
+        return self._iterator._serialize_to_tensors()[_ITERATOR_STATE]  # tf.train.Checkpoint's hook
+
+    def save(self, path: str) -> None:
+        """Write the current position to ``path`` (any filesystem TF knows, gs:// included)."""
+        write_position(self.position(), path)
+
+    def restore(self, path: str) -> None:
+        """Rewind or advance to the position ``save`` or ``write_position`` wrote to ``path``."""
+        position = tf.io.parse_tensor(tf.io.read_file(path), out_type=tf.variant)
+        self._iterator._restore_from_tensors({_ITERATOR_STATE: position})
+
+
+_ITERATOR_STATE = "_STATE"  # the key of a tf.data iterator's state among its checkpoint tensors
+
+
+def write_position(position: tf.Tensor, path: str) -> None:
+    """Write a ``HostBatches.position`` snapshot to ``path``."""
+    tf.io.write_file(path, tf.io.serialize_tensor(position))
 
 
 class CorruptDataError(ValueError):

@@ -15,9 +15,10 @@ from codemix_jax.data.instructions import PROMPT, PROMPT_IDS, RESPONSE, RESPONSE
 from codemix_jax.data.packing import LOSS_WEIGHTS, pack_rows
 from codemix_jax.data.vocab import load_vocab
 
-_tokenize_and_append_eos = functools.partial(
-    seqio.preprocessors.tokenize_and_append_eos, copy_pretokenized=False
-)
+# Documents tokenized at once, per source. Every one in flight is part of the saved input position,
+# and seqio's own tokenize keeps 256 in flight: 3.7 MB of the tiny run's 6.9 MB position, which a
+# checkpoint snapshots on the training thread. With 16, 200 tiny batches read as fast on 2 cores.
+TOKENIZE_PARALLELISM = 16
 
 
 def packed_task(
@@ -74,6 +75,19 @@ def _task(
     )
 
 
+def _tokenize_and_append_eos(
+    dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]
+) -> tf.data.Dataset:
+    vocab = output_features["targets"].vocabulary
+    eos = tf.constant([vocab.eos_id], tf.int32)
+
+    def encode(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        ids = tf.cast(vocab.encode_tf(example["targets"]), tf.int32)
+        return {**example, "targets": tf.concat([ids, eos], axis=0)}
+
+    return dataset.map(encode, num_parallel_calls=TOKENIZE_PARALLELISM)
+
+
 def _weighted_example(
     dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature], *, pretokenized: bool
 ) -> tf.data.Dataset:
@@ -93,7 +107,7 @@ def _weighted_example(
             ),
         }
 
-    return dataset.map(join, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.map(join, num_parallel_calls=TOKENIZE_PARALLELISM)
 
 
 def _pack(
