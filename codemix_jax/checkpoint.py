@@ -164,21 +164,18 @@ class Checkpoints:
         """The run identity saved with ``step`` (see ``run_identity``)."""
         return _read_meta(self._manager, step)
 
-    def save(
-        self, step: int, *, state: Any, batches: HostBatches, meta: dict, force: bool = False
-    ) -> bool:
-        """Save if ``step`` is a multiple of the interval (or ``force``); returns whether it did.
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is on the checkpoint interval."""
+        return step % self._save_every == 0
 
-        Arrays are copied off the devices before returning and written in the background.
-        """
-        if step % self._save_every and not force:
-            return False
+    def save(self, step: int, *, state: Any, batches: HostBatches, meta: dict) -> None:
+        """Save ``step``: arrays are copied off the devices here and written in the background."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=DataIteratorSave(batches),
             meta=ocp.args.JsonSave(meta),
         )
-        return self._manager.save(step, args=args, force=force)
+        self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, *, abstract_state: Any, batches: HostBatches, meta: dict) -> Any:
         """Restore ``step`` into ``abstract_state``'s shardings and rewind ``batches`` to it."""
@@ -196,10 +193,22 @@ class Checkpoints:
         """Block until pending writes are on disk."""
         self._manager.wait_until_finished()
 
+    def describe_latest(self) -> str:
+        """The newest checkpoint, in words for a message."""
+        step = self.latest_step()
+        where = self._manager.directory
+        return f"step {step} in {where}" if step is not None else f"none yet (in {where})"
+
     def close(self) -> None:
         """Wait for pending writes, then release the manager."""
         self.wait()
         self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class SavedRun:

@@ -19,9 +19,13 @@ from codemix_jax.data.instruction_sets import build_local_instructions
 from codemix_jax.data.instructions import PROMPT, RESPONSE, InstructionFields
 from codemix_jax.data.report import mixture_report, report_json, report_table
 from codemix_jax.model import ModelConfig, count_parameters
+from codemix_jax.nonfinite import DivergedError
+from codemix_jax.preemption import Preempted
 from codemix_jax.train import train
 
 log = logging.getLogger("codemix")
+
+EXIT_DIVERGED = 3  # 0: done or stopped on request with a checkpoint; 2: bad input; 3: diverged
 
 
 def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
@@ -282,14 +286,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except Preempted as stop:  # asked to stop, saved: a rerun of the same command resumes
+        log.warning("%s", _message(stop))
+        return 0
     except (FileNotFoundError, ValueError) as error:
         # Bad input (gin, mesh, data, checkpoint, ingest errors all derive from these): the
         # message names the bad value; the traceback is only noise for the user.
-        log.error("%s", error)
+        log.error("%s", _message(error))
         return 2
+    except DivergedError as error:
+        log.error("%s", _message(error))
+        return EXIT_DIVERGED
     finally:
         gin.clear_config()
     return 0
+
+
+def _message(error: Exception) -> str:
+    """The error's own message, less the "In call to configurable ..." line gin appends."""
+    return str(error).split(GIN_CALL_NOTE)[0]
+
+
+GIN_CALL_NOTE = "\n  In call to configurable"
 
 
 if __name__ == "__main__":

@@ -80,6 +80,12 @@ class MetricsWriter:
             self._jsonl.close()
             self._tensorboard.close()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 class Throughput:
     """Tokens/s and MFU over the interval since the previous call."""
@@ -118,7 +124,7 @@ def summarize(totals: Mapping[str, jax.Array], source_names: Sequence[str]) -> d
     totals = jax.device_get(totals)
     scalars = {
         "loss": float(totals["loss_sum"] / max(totals["loss_tokens"], 1.0)),
-        "grad_norm": float(totals["grad_norm"] / totals["steps"]),
+        "grad_norm": float(totals["grad_norm"] / max(totals["steps"], 1.0)),
     }
     source_total = max(float(totals["source_tokens"].sum()), 1.0)
     for i, name in enumerate(source_names):

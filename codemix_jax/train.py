@@ -18,6 +18,9 @@ from codemix_jax.data import MixtureInput
 from codemix_jax.init_from import InitFrom, start_state
 from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
 from codemix_jax.model import ModelConfig, training_flops_per_token
+from codemix_jax.nonfinite import NonFinitePolicy, NonFiniteWatch
+from codemix_jax.preemption import watching_signals
+from codemix_jax.preflight import check_run_settings
 from codemix_jax.train_state import build_train_program, global_batch
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ def train(
     microbatches: int = 1,
     compiled_step: str = "",
     init_from: InitFrom | None = None,
+    nonfinite: NonFinitePolicy | None = None,
 ) -> dict[str, float]:
     """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
@@ -62,9 +66,22 @@ def train(
         one; refused, before anything is written, unless it was compiled from this very step.
       init_from: start from another run's checkpoint (a new stage) instead of a fresh init, at
         step 0; ignored once ``run_dir`` has checkpoints of its own (it resumes from those).
+      nonfinite: what a step with a NaN/inf loss, gradient or update does (default: stop there).
     Returns:
       The scalars of the last logged step (empty if there was nothing left to train).
+    Raises:
+      Preempted: after saving, on SIGTERM/SIGINT (a rerun resumes); DivergedError: at a
+        non-finite step.
     """
+    nonfinite = nonfinite or NonFinitePolicy()
+    check_run_settings(
+        run_dir=run_dir,
+        model_vocab_size=model_config.vocab_size,
+        vocab_path=dataset.vocab_path,
+        learning_rate=learning_rate,
+        num_steps=num_steps,
+        log_every=log_every,
+    )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         program = build_train_program(
             model_config=model_config,
@@ -74,6 +91,7 @@ def train(
             learning_rate=learning_rate,
             optimizer=optimizer,
             microbatches=microbatches,
+            nonfinite=nonfinite,
         )
         if compiled_step:
             program = load_compiled_step(program, compiled_step)
@@ -98,16 +116,12 @@ def train(
         )
         gin_config.write_operative_config(run_dir)
         writer = MetricsWriter(run_dir)
-        logger = IntervalLogger(
+        logger = _interval_logger(
             writer=writer,
-            throughput=Throughput(
-                tokens_per_step=dataset.global_batch_size * dataset.seq_len,
-                flops_per_token=training_flops_per_token(model_config, dataset.seq_len),
-                num_devices=mesh.size,
-            ),
-            source_names=dataset.source_names,
+            model_config=model_config,
+            dataset=dataset,
+            mesh=mesh,
             learning_rate=learning_rate,
-            phase_at=dataset.phase_at,
             first_step=start_step + 1,
             num_steps=num_steps,
             log_every=log_every,
@@ -115,11 +129,45 @@ def train(
         if start_step >= num_steps:
             log.warning("%s already holds step %d; nothing to train", run_dir, start_step)
         log.info("training steps %d..%d on mesh %s", start_step + 1, num_steps, dict(mesh.shape))
+        watch = NonFiniteWatch(nonfinite, last_checkpoint=checkpoints.describe_latest)
         scalars: dict[str, float] = {}
-        for step in range(start_step + 1, num_steps + 1):
-            state, metrics = program.step(state, global_batch(next(batches), mesh))
-            scalars = logger.add(step, metrics) or scalars
-            checkpoints.save(step, state=state, batches=batches, meta=meta, force=step == num_steps)
-    checkpoints.close()
-    writer.close()
+        with checkpoints, writer, watching_signals() as preemption:
+            for step in range(start_step + 1, num_steps + 1):
+                state, metrics = program.step(state, global_batch(next(batches), mesh))
+                watch.check(step, metrics)
+                scalars = logger.add(step, metrics) or scalars
+                stopping = preemption.reached(step)
+                if stopping or step == num_steps or checkpoints.due(step):
+                    watch.flush()  # a non-finite state is never saved
+                    checkpoints.save(step, state=state, batches=batches, meta=meta)
+                if stopping:
+                    raise preemption.stopped(step)
     return scalars
+
+
+def _interval_logger(
+    *,
+    writer: MetricsWriter,
+    model_config: ModelConfig,
+    dataset: MixtureInput,
+    mesh: Mesh,
+    learning_rate: optax.Schedule,
+    first_step: int,
+    num_steps: int,
+    log_every: int,
+) -> IntervalLogger:
+    """Every ``log_every`` steps: losses per source, token shares, LR, phase, throughput, MFU."""
+    return IntervalLogger(
+        writer=writer,
+        throughput=Throughput(
+            tokens_per_step=dataset.global_batch_size * dataset.seq_len,
+            flops_per_token=training_flops_per_token(model_config, dataset.seq_len),
+            num_devices=mesh.size,
+        ),
+        source_names=dataset.source_names,
+        learning_rate=learning_rate,
+        phase_at=dataset.phase_at,
+        first_step=first_step,
+        num_steps=num_steps,
+        log_every=log_every,
+    )

@@ -19,6 +19,7 @@ from codemix_jax.microbatches import accumulate_gradients, check_microbatches
 from codemix_jax.model import ModelConfig, Transformer, init_params
 from codemix_jax.model.attention import check_attention
 from codemix_jax.model.loss import loss_weights, real_targets, token_losses
+from codemix_jax.nonfinite import NONFINITE, NonFinitePolicy, finite_step
 
 Batch = dict[str, jax.Array]
 
@@ -112,6 +113,7 @@ def make_train_step(
     state_shardings: TrainState,
     mesh: Mesh,
     microbatches: int = 1,
+    skip_nonfinite: bool = False,
 ):
     """A jitted, state-donating step returning (new_state, summable metrics).
 
@@ -123,7 +125,8 @@ def make_train_step(
     Metrics are sums so that the loop can accumulate them on device between log steps without
     forcing a host sync every step: the loss and its weighted token count, overall and per source
     (``loss_sum``, ``loss_tokens``, ``source_loss_sum``, ``source_loss_tokens``), and each
-    source's real tokens, prompts included (``source_tokens``: the mixture's token shares).
+    source's real tokens, prompts included (``source_tokens``: the mixture's token shares), and
+    whether the step was not finite (``nonfinite.py``; with ``skip_nonfinite`` it changed nothing).
     """
     losses_fn = token_losses()
 
@@ -155,11 +158,15 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            **sums,
-            "grad_norm": optax.tree.norm(grads),
-            "steps": jnp.ones((), jnp.float32),
-        }
+        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "steps": jnp.ones((), jnp.float32)}
+        finite = finite_step(sums["loss_sum"], metrics["grad_norm"], updates)
+        if skip_nonfinite:  # keep the old state, leave the step out of the logged means
+            params, opt_state, metrics = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state, metrics),
+                (state.params, state.opt_state, jax.tree.map(jnp.zeros_like, metrics)),
+            )
+        metrics[NONFINITE] = 1.0 - finite.astype(jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -226,6 +233,7 @@ def build_train_program(
     learning_rate: optax.Schedule,
     optimizer: Callable[[optax.Schedule], optax.GradientTransformation],
     microbatches: int = 1,
+    nonfinite: NonFinitePolicy | None = None,
 ) -> TrainProgram:
     """Check the settings against each other and the mesh, then lay out and build the step.
 
@@ -243,6 +251,7 @@ def build_train_program(
         state_shardings=shardings,
         mesh=mesh,
         microbatches=microbatches,
+        skip_nonfinite=(nonfinite or NonFinitePolicy()).skip,
     )
     batch = abstract_batch(dataset, mesh)
     return TrainProgram(model, tx, mesh, abstract_state, batch, shardings, step)

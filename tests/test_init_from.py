@@ -187,7 +187,7 @@ def test_keep_every_keeps_the_newest_and_every_multiple(local_data, source_run, 
 
     checkpoints = Checkpoints(str(tmp_path / "ckpt"), save_every=2, keep=2, keep_every=4)
     batches = mixture(local_data).host_batches()
-    for step in range(1, 13):
+    for step in filter(checkpoints.due, range(1, 13)):
         checkpoints.save(step, state={"w": jnp.full(2, step)}, batches=batches, meta={})
     checkpoints.close()
     assert sorted(int(p) for p in os.listdir(tmp_path / "ckpt")) == [4, 8, 10, 12]
