@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from codemix_jax.data.mixture import HostBatches, write_position
 
@@ -179,6 +182,7 @@ class Checkpoints:
 
     def restore(self, step: int, *, abstract_state: Any, batches: HostBatches, meta: dict) -> Any:
         """Restore ``step`` into ``abstract_state``'s shardings and rewind ``batches`` to it."""
+        self._check_committed(step)
         check_same_run(self.meta(step), meta, step)
         restored = self._manager.restore(
             step,
@@ -188,6 +192,41 @@ class Checkpoints:
             ),
         )
         return restored["state"]
+
+    def _check_committed(self, step: int) -> None:
+        """Refuses a step without orbax's commit time: its save (or a copy of it) never finished.
+
+        Orbax records the commit time in the step's _CHECKPOINT_METADATA just before it renames
+        the temporary directory into place; the arrays may restore without it, possibly short.
+        """
+        found = ocp.path.step.standard_name_format().find_step(self._manager.directory, step)
+        if found.commit_timestamp_nsecs is None:
+            raise FileNotFoundError(
+                f"{found.path} has no commit time in its _CHECKPOINT_METADATA: its save or copy "
+                "did not finish"
+            )
+
+    @property
+    def damaged_directory(self) -> epath.Path:
+        """Where ``set_aside`` moves damaged steps: beside the checkpoints, out of orbax's sight."""
+        directory = self._manager.directory
+        return directory.parent / f"{directory.name}_damaged"
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Move ``step`` to ``damaged_directory/<step>-<UTC time>`` (never deleted), where orbax
+        neither resumes it nor counts it for the keep policy; returns the new path.
+
+        Every process must call this; process 0 renames, the others wait for it.
+        """
+        now = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        target = self.damaged_directory / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self._manager.directory / str(step)).rename(target)
+        multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Block until pending writes are on disk."""

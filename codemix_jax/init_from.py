@@ -11,6 +11,7 @@ after its first save goes on where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from codemix_jax.checkpoint import (
     differences,
 )
 from codemix_jax.data.mixture import HostBatches
+from codemix_jax.recovery import resume_newest_good
 from codemix_jax.train_state import TrainProgram, TrainState, init_train_state, stage_start_state
 
 log = logging.getLogger(__name__)
@@ -78,17 +80,19 @@ def start_state(
 ) -> tuple[TrainState, int, dict]:
     """The state to train from, its step, and ``meta`` with the init record, to save with it.
 
-    Resumes the run's newest checkpoint if it has one (refused if that was initialised otherwise
-    than ``init_from`` says), else starts from ``init_from`` at step 0, else fresh from ``seed``.
+    Resumes the run's newest checkpoint that restores if it has one (damaged ones are set aside,
+    see ``recovery``), else starts from ``init_from`` at step 0, else fresh from ``seed``.
     """
-    step = checkpoints.latest_step()
-    if step:
-        log.info("resuming from the checkpoint at step %d", step)
-        meta = {**meta, INIT_KEY: _check_resume(checkpoints.meta(step), init_from, step)}
-        state = checkpoints.restore(
-            step, abstract_state=program.abstract_state, batches=batches, meta=meta
-        )
-        return state, step, meta
+    resume = functools.partial(
+        _resume,
+        checkpoints=checkpoints,
+        program=program,
+        batches=batches,
+        meta=meta,
+        init_from=init_from,
+    )
+    if resumed := resume_newest_good(checkpoints, resume):
+        return resumed
     if init_from is not None:
         record, state = _init_from(init_from, program=program, model=meta["ModelConfig"])
         return state, 0, {**meta, INIT_KEY: record}
@@ -96,6 +100,25 @@ def start_state(
         model=program.model, tx=program.tx, shardings=program.shardings, seed=seed
     )
     return state, 0, {**meta, INIT_KEY: {}}
+
+
+def _resume(
+    step: int,
+    *,
+    checkpoints: Checkpoints,
+    program: TrainProgram,
+    batches: HostBatches,
+    meta: dict,
+    init_from: InitFrom | None,
+) -> tuple[TrainState, int, dict]:
+    """The run's own checkpoint at ``step``; refused if it was initialised otherwise than
+    ``init_from`` says."""
+    meta = {**meta, INIT_KEY: _check_resume(checkpoints.meta(step), init_from, step)}
+    state = checkpoints.restore(
+        step, abstract_state=program.abstract_state, batches=batches, meta=meta
+    )
+    log.info("resuming from the checkpoint at step %d", step)
+    return state, step, meta
 
 
 def _init_from(

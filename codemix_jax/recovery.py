@@ -1,0 +1,81 @@
+"""Resuming from the newest checkpoint that restores: a damaged one is set aside, never fatal.
+
+A save killed mid-way leaves only orbax's ``<step>.orbax-checkpoint-tmp-*`` directory, which
+orbax never counts as a step. But a step whose files were truncated or garbled afterwards (a full
+disk, a bad copy) or that lost an item would fail every later resume, though older good
+checkpoints sit next to it: such a step is logged in one line, set aside (renamed, never
+deleted; see ``Checkpoints.set_aside``) and the next newest is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+from codemix_jax.checkpoint import CheckpointMismatchError, Checkpoints
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Failures of this run's settings, of the program or of the machine (a device out of memory is a
+# RuntimeError), not of the files: they propagate rather than set a good checkpoint aside.
+NOT_DAMAGE = (CheckpointMismatchError, RuntimeError, TypeError, AttributeError, NameError)
+
+
+class NoGoodCheckpointError(ValueError):
+    """Every checkpoint of the run failed to restore; each was set aside."""
+
+
+def resume_newest_good(checkpoints: Checkpoints, resume: Callable[[int], T]) -> T | None:
+    """``resume(step)`` for the newest step it succeeds for on every process; None if the run
+    has no checkpoint.
+
+    Raises NoGoodCheckpointError, naming each step tried and why it failed, if none succeeds: a
+    run that had checkpoints must never silently start afresh.
+    """
+    failures = []
+    while (step := checkpoints.latest_step()) is not None:
+        result, reason = _attempt(resume, step)
+        if (reason := _agreed(reason)) is None:
+            return result
+        where = checkpoints.set_aside(step)
+        log.warning("checkpoint at step %d is damaged (%s): moved to %s", step, reason, where)
+        failures.append(f"step {step}: {reason}")
+    if failures:
+        raise NoGoodCheckpointError(
+            f"no checkpoint of this run restores ({'; '.join(failures)}); each was moved to "
+            f"{checkpoints.damaged_directory}"
+        )
+    return None
+
+
+def _attempt(resume: Callable[[int], T], step: int) -> tuple[T | None, str | None]:
+    """``resume(step)`` and None, or None and why the step's files failed to restore."""
+    try:
+        return resume(step), None
+    except NOT_DAMAGE:
+        raise
+    except Exception as error:  # any other failure to read the files is damage
+        return None, _reason(error)
+
+
+def _agreed(reason: str | None) -> str | None:
+    """This process's failure, else another's: a shard may be damaged on one host only, and every
+    process must take the same decision."""
+    failed = multihost_utils.process_allgather(np.array(reason is not None))
+    if reason is None and failed.any():
+        return f"failed to restore on process {np.flatnonzero(failed).tolist()}"
+    return reason
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the error's root cause (TensorStore's names the file and what failed)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}"
