@@ -47,11 +47,13 @@ class DataIteratorHandler(ocp.AsyncCheckpointHandler):
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> HostBatches:
         path = _process_dir(directory)
         if not path.exists():
-            raise FileNotFoundError(
-                f"no input state for this process in {directory} (found "
-                f"{sorted(p.name for p in directory.iterdir())}); was it written with another "
-                "number of processes?"
-            )
+            found = sorted(p.name for p in directory.iterdir())
+            if any(name.startswith("process_") for name in found):
+                raise CheckpointMismatchError(
+                    f"the input positions in {directory} are {found}: written by another number "
+                    f"of processes than this run's {jax.process_count()}"
+                )
+            raise FileNotFoundError(f"no input position for this process in {directory}")
         args.iterator.restore(str(path / POSITION_FILE))
         return args.iterator
 

@@ -141,11 +141,27 @@ def test_no_good_checkpoint_stops_with_exit_2_and_one_line(
     with caplog.at_level(logging.ERROR):
         assert train_cli(local_data, run_dir) == 2
 
-    [logged] = [r.getMessage() for r in caplog.records if r.name == "codemix"]
-    error, _ = logged.split("\n  In call to configurable 'train'")  # gin's note, on any error
+    [error] = [r.getMessage() for r in caplog.records if r.name == "codemix"]
     assert error.startswith("no checkpoint of this run restores (step 12: ") and "\n" not in error
     for step, kind in ((4, "no_data"), (8, "garbled"), (12, "truncated")):
         assert f"step {step}: " in error and DAMAGE[kind][1] in error
     assert not any((run_dir / "checkpoints").iterdir())
     assert sorted(set_aside(run_dir)) == ["12", "4", "8"]
     assert not (run_dir / "metrics.jsonl").exists()  # never started afresh
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_not_set_aside(
+    local_data, straight_run, tmp_path, caplog
+):
+    """Input positions as two processes write them: another run's layout, not damage."""
+    run_dir = copy_of(straight_run, tmp_path)
+    data = run_dir / "checkpoints" / "12" / "data"
+    (data / "process_0-of-1").rename(data / "process_0-of-2")
+    shutil.copytree(data / "process_0-of-2", data / "process_1-of-2")
+
+    with caplog.at_level(logging.ERROR):
+        assert train_cli(local_data, run_dir) == 2
+
+    assert "written by another number of processes than this run's 1" in caplog.text
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["12", "4", "8"]
+    assert not (run_dir / "checkpoints_damaged").exists()
