@@ -118,6 +118,7 @@ def adamw(
     clip_norm: float | None = 1.0,
 ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and a name-based weight-decay mask."""
+    _check_adamw(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm)
     clip = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     return optax.chain(
         *clip,
@@ -130,3 +131,19 @@ def adamw(
             mask=lambda params: weight_decay_mask(params, decay_embeddings=decay_embeddings),
         ),
     )
+
+
+def _check_adamw(
+    *, b1: float, b2: float, eps: float, weight_decay: float, clip_norm: float | None
+) -> None:
+    """Values that would train on silently into nonsense (b2 = 1 never forgets, a negative decay
+    grows the weights) are refused by name."""
+    for name, value, ok, wanted in (
+        ("b1", b1, 0 <= b1 < 1, "in [0, 1)"),
+        ("b2", b2, 0 <= b2 < 1, "in [0, 1)"),
+        ("eps", eps, eps > 0, "> 0"),
+        ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        ("clip_norm", clip_norm, clip_norm is None or clip_norm > 0, "> 0, or None: no clipping"),
+    ):
+        if not ok:
+            raise ValueError(f"adamw.{name} = {value} must be {wanted}")

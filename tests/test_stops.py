@@ -105,6 +105,9 @@ def test_skipping_keeps_the_state_and_stops_past_the_limit(local_data, tmp_path,
         ),
         (["train.log_every = 0"], "train.log_every must be >= 1, got 0"),
         (["NonFinitePolicy.max_skipped = -1"], "NonFinitePolicy.max_skipped must be >= 0"),
+        (["adamw.b2 = 1.0"], "adamw.b2 = 1.0 must be in [0, 1)"),
+        (["adamw.weight_decay = -0.1"], "adamw.weight_decay = -0.1 must be >= 0"),
+        (["adamw.clip_norm = 0.0"], "adamw.clip_norm = 0.0 must be > 0, or None: no clipping"),
     ],
 )
 def test_settings_that_cannot_work_stop_before_anything_is_written(
