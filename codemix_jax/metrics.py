@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 import gin
 import jax
 import jax.numpy as jnp
-import tensorflow as tf
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +55,37 @@ def peak_flops_per_device(*, override: float | None = None) -> float:
 class MetricsWriter:
     """Writes one JSON object per logged step to metrics.jsonl and the same scalars to TensorBoard.
 
-    Only process 0 writes, so multi-host runs produce one set of files.
+    Only process 0 writes, so multi-host runs produce one set of files. A run resumed from step
+    ``resume_step`` continues both from there, so that a reader sees each step once although the
+    run that crashed logged past its last checkpoint: metrics.jsonl loses its records after that
+    step, and the new events file opens with a ``SessionLog.START`` at ``resume_step + 1``, on
+    which TensorBoard's readers discard every event read so far at or after that step.
     """
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, *, resume_step: int):
         self._enabled = jax.process_index() == 0
         if not self._enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
-        self._tensorboard = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard"))
+        path = os.path.join(run_dir, "metrics.jsonl")
+        keep_records_up_to(path, resume_step)
+        self._jsonl = open(path, "a")  # noqa: SIM115
+        # TensorBoard's own writer, not tf.summary's: it writes the SessionLog event too.
+        self._tensorboard = EventFileWriter(os.path.join(run_dir, "tensorboard"))
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._tensorboard.add_event(_event(resume_step + 1, session_log=start))
 
     def write(self, step: int, scalars: Mapping[str, float | int | str]) -> None:
         if not self._enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
-        with self._tensorboard.as_default(step=step):
-            for name, value in scalars.items():
-                if isinstance(value, int | float):
-                    tf.summary.scalar(name, value)
+        values = [
+            summary_pb2.Summary.Value(tag=name, simple_value=value)
+            for name, value in scalars.items()
+            if isinstance(value, int | float)
+        ]
+        self._tensorboard.add_event(_event(step, summary=summary_pb2.Summary(value=values)))
         self._tensorboard.flush()
 
     def close(self) -> None:
@@ -85,6 +98,36 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _event(step: int, **fields) -> event_pb2.Event:
+    return event_pb2.Event(wall_time=time.time(), step=step, **fields)
+
+
+def keep_records_up_to(path: str, step: int) -> None:
+    """Rewrite the metrics.jsonl at ``path`` (if any) without its records after ``step``.
+
+    A line that is not JSON is the torn last line of a crashed run and goes too. The file is
+    replaced atomically: a crash while rewriting it leaves the old one.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path) as old:
+        kept = [line.rstrip("\n") + "\n" for line in old if _step_of(line) <= step]
+    partial = f"{path}.partial"
+    with open(partial, "w") as new:
+        new.writelines(kept)
+        new.flush()
+        os.fsync(new.fileno())
+    os.replace(partial, path)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a torn one, which is past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class Throughput:

@@ -115,7 +115,7 @@ def train(
             init_from=init_from,
         )
         gin_config.write_operative_config(run_dir)
-        writer = MetricsWriter(run_dir)
+        writer = MetricsWriter(run_dir, resume_step=start_step)
         logger = _interval_logger(
             writer=writer,
             model_config=model_config,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from codemix_jax import cli
 from codemix_jax.checkpoint import CheckpointMismatchError, Checkpoints
@@ -141,6 +142,26 @@ def test_resume_from_a_mid_run_checkpoint_trains_only_the_remaining_steps(
     assert int(final["step"]) == STEPS
     for actual, wanted in zip(jax.tree.leaves(final), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(actual, wanted)
+
+
+def test_resume_after_a_crash_logs_every_step_once(local_data, straight_run, tmp_path):
+    """A run that crashed after logging step 12 (and tearing its last line) but before its step-12
+    checkpoint: the resume trains 9..12 again; metrics.jsonl and TensorBoard's reader see each step
+    once, with the resumed run's values."""
+    run_dir = tmp_path / "crashed"
+    shutil.copytree(straight_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / str(STEPS))
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 13, "loss": 2.')
+    assert train_cli(local_data, run_dir) == 0
+
+    logged = records(run_dir)
+    assert [record["step"] for record in logged] == list(range(1, STEPS + 1))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("loss")
+    assert [event.step for event in losses] == list(range(1, STEPS + 1))
+    assert [event.value for event in losses] == pytest.approx([r["loss"] for r in logged])
 
 
 def cosine_lr(count: int) -> float:
