@@ -146,14 +146,18 @@ class Throughput:
         self._last_step = step
 
     def measure(self, step: int) -> dict[str, float]:
+        """The interval's figures; none when it holds no step (it starts after the compiling one),
+        since any figure for it would be zero or absurd."""
         now = time.perf_counter()
         steps = step - self._last_step
+        if not steps:
+            return {}
         seconds = max(now - self._last_time, 1e-9)
         self.reset(step)
         tokens_per_second = steps * self._tokens_per_step / seconds
         return {
             "tokens_per_second": tokens_per_second,
-            "step_time_s": seconds / max(steps, 1),
+            "step_time_s": seconds / steps,
             "mfu": tokens_per_second * self._flops_per_token / self._peak,
         }
 
@@ -233,11 +237,15 @@ class IntervalLogger:
 def progress_line(
     step: int, total: int, done: float, scalars: Mapping[str, float], start_time: float
 ) -> str:
-    """One human-readable status line: step, loss, speed, and ETA from the fraction ``done``."""
+    """One human-readable status line: step, loss, speed (if measured), and ETA from ``done``."""
     elapsed = time.perf_counter() - start_time
     eta = datetime.timedelta(seconds=round(elapsed / done * (1 - done)))
+    speed = (
+        f"{scalars['tokens_per_second']:,.0f} tok/s mfu {100 * scalars['mfu']:.2f}% "
+        if "mfu" in scalars
+        else ""
+    )
     return (
         f"step {step}/{total} ({100 * step / total:.0f}%) loss {scalars['loss']:.4f} "
-        f"lr {scalars['learning_rate']:.2e} {scalars['tokens_per_second']:,.0f} tok/s "
-        f"mfu {100 * scalars['mfu']:.2f}% eta {eta}"
+        f"lr {scalars['learning_rate']:.2e} {speed}eta {eta}"
     )

@@ -6,6 +6,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from codemix_jax import cli, gin_config
 
 SMOKE = "gin/experiments/smoke.gin"
 TINY = "gin/models/tiny.gin"
+TIMINGS = {"tokens_per_second", "step_time_s", "mfu"}
 
 
 def data_bindings(local_data) -> list[str]:
@@ -36,16 +38,26 @@ def test_smoke_training_lowers_loss_and_writes_outputs(local_data, tmp_path):
         "train.log_every = 10",
         "MixtureInput.global_batch_size = 8",
     ]
+    started = time.perf_counter()
     assert run_cli(["train", "--gin_file", SMOKE, "--run_dir", str(run_dir)], bindings) == 0
+    elapsed = time.perf_counter() - started
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 10, 20, 30, 40]
-    for key in ("loss", "learning_rate", "tokens_per_second", "mfu", "grad_norm"):
+    for key in ("loss", "learning_rate", "grad_norm"):
         assert all(key in r for r in records), key
     for source in ("code", "text", "markup"):
         assert any(f"loss/{source}" in r for r in records), source
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
-    assert records[-1]["tokens_per_second"] > 0
+
+    # Step 1 compiles: its record has no throughput rather than 0 tok/s; the first figure (steps
+    # 2..10) is real: consistent, under the peak, and no faster than the whole run allows.
+    first, measured, *others = records
+    assert not TIMINGS & first.keys()
+    assert all(record.keys() >= TIMINGS for record in (measured, *others))
+    assert measured["tokens_per_second"] == pytest.approx(8 * 128 / measured["step_time_s"])
+    assert 0 < measured["mfu"] < 1
+    assert 9 * measured["step_time_s"] < elapsed
 
     events = os.listdir(run_dir / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
