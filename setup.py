@@ -32,5 +32,5 @@ setup(
         # libtpu: run on TPU VMs, and compile for TPU topologies on any host (`codemix aot`).
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
     },
-    entry_points={"console_scripts": ["codemix=codemix_jax.cli:main"]},
+    entry_points={"console_scripts": ["codemix=codemix_jax.__main__:main"]},
 )

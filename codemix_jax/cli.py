@@ -278,11 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # Importing orbax/absl may already have configured the root logger, at WARNING.
+def _configure_logging() -> None:
+    """One format, with the time, for every Python log line and warning, the libraries' too."""
+    # Importing TF, orbax or absl may already have given the root logger a handler in another
+    # format, and TF gives its logger one of its own: every plain stream handler goes, for ours.
+    for logger in [logging.root, *logging.root.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):  # placeholders have none
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)
+    logging.captureWarnings(True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter at every save
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _configure_logging()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

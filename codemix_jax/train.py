@@ -128,7 +128,7 @@ def train(
         )
         if start_step >= num_steps:
             log.warning("%s already holds step %d; nothing to train", run_dir, start_step)
-        log.info("training steps %d..%d on mesh %s", start_step + 1, num_steps, dict(mesh.shape))
+        log.info("training steps %d..%d on %s", start_step + 1, num_steps, _devices(mesh))
         watch = NonFiniteWatch(nonfinite, last_checkpoint=checkpoints.describe_latest)
         scalars: dict[str, float] = {}
         with checkpoints, writer, watching_signals() as preemption:
@@ -143,6 +143,11 @@ def train(
                 if stopping:
                     raise preemption.stopped(step)
     return scalars
+
+
+def _devices(mesh: Mesh) -> str:
+    """The mesh and the backend it runs on, e.g. ``mesh {'data': 8, ...} of 8 tpu device(s)``."""
+    return f"mesh {dict(mesh.shape)} of {mesh.size} {mesh.devices.flat[0].platform} device(s)"
 
 
 def _interval_logger(
