@@ -50,10 +50,15 @@ def _filter_stderr() -> None:
     """Route fd 2 through a child process that passes on every line but NOISE.
 
     A child, not a thread: if a native library aborts this process, the child still passes on
-    what was written before, the fatal message included. It ends when the pipe closes, at exit.
+    what was written before, the fatal message included. It ends when the pipe closes, at exit,
+    and no signal should end it sooner: Ctrl-C or a preemption's SIGTERM to the process group
+    is for this process, which then logs how it stops. So the child has a group of its own (and
+    ignores SIGINT and SIGTERM, for a SIGTERM sent to every process).
     """
     sys.stderr.flush()
-    child = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-m", __name__], stdin=subprocess.PIPE, process_group=0
+    )
     terminal = os.dup(2)
     os.dup2(child.stdin.fileno(), 2)
     child.stdin.close()
@@ -88,5 +93,6 @@ def _is_noise(line: bytes) -> bool:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; EOF ends this.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     pass_on(sys.stdin.fileno(), sys.stderr.buffer)

@@ -3,6 +3,7 @@ the process dies of a native abort."""
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -57,3 +58,24 @@ def test_last_words_of_an_aborted_process_get_through(tmp_path):
     )
     assert result.returncode != 0
     assert result.stderr == b"F0000 check failed: the fatal message\n"
+
+
+def test_last_words_after_a_sigterm_to_the_process_group_get_through(tmp_path):
+    """A preemption's SIGTERM reaches every process of the group; the run then saves and logs
+    how it stopped, which must not meet a filter that is gone (lost lines, a broken pipe)."""
+    code = (
+        "import signal, sys; from codemix_jax import startup_noise; startup_noise.quiet(); "
+        "signal.signal(signal.SIGTERM, lambda *_: None); print('ready', flush=True); "
+        "signal.pause(); print('saved step 7; stopping', file=sys.stderr)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        process_group=0,
+    )
+    assert process.stdout.readline() == b"ready\n"
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (0, b"saved step 7; stopping\n")
