@@ -59,8 +59,8 @@ def check_vocab(model_vocab_size: int, vocab_path: str) -> None:
 def check_schedule(learning_rate: optax.Schedule, num_steps: int) -> None:
     """Finite and non-negative at every step of the run, and done warming up by its end.
 
-    Step ``s`` (from 1) trains at ``learning_rate(s - 1)``; one count past the end tells whether
-    the schedule would still be rising there.
+    Step ``s`` (from 1) trains at ``learning_rate(s - 1)``. Rising into the last step and past it
+    is a warmup longer than the run (a one-step run, e.g. a check at LR 0, cannot tell).
     """
     lrs = np.asarray(jax.jit(jax.vmap(learning_rate))(jnp.arange(num_steps + 1)))
     used = lrs[:num_steps]
@@ -71,7 +71,7 @@ def check_schedule(learning_rate: optax.Schedule, num_steps: int) -> None:
                 f"the learning rate schedule is {what} at step {step + 1}: {used[step]} "
                 "(check its peak, final and warmup settings)"
             )
-    if lrs[num_steps] > used[-1] >= used.max():
+    if num_steps > 1 and lrs[num_steps] > used[-1] > used[-2]:
         raise ValueError(
             f"the learning rate still rises at the last step {num_steps} ({used[-1]:.3g}): its "
             "warmup is longer than the run (train.num_steps)"

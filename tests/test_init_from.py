@@ -21,7 +21,12 @@ from codemix_jax import gin_config
 from codemix_jax.checkpoint import Checkpoints
 
 SOURCE_STEPS = 10
-STAGE = ["MixtureInput.phases = None", "MixtureInput.shares = {'markup': 1.0}"]
+# A stage of a step or two: its warmup (from LR 0 at step 1) must end within it.
+STAGE = [
+    "MixtureInput.phases = None",
+    "MixtureInput.shares = {'markup': 1.0}",
+    "WARMUP_STEPS = 1",
+]
 MESH_SCRIPT = os.path.join(os.path.dirname(__file__), "init_from_mesh.py")
 
 
