@@ -18,10 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from etils import epath
 from jax.experimental import multihost_utils
 
-from codemix_jax.data.mixture import HostBatches, write_position
+from codemix_jax.data.mixture import HostBatches, read_position, write_position
 
 
 class DataIteratorHandler(ocp.AsyncCheckpointHandler):
@@ -207,6 +208,25 @@ class Checkpoints:
                 f"{found.path} has no commit time in its _CHECKPOINT_METADATA: its save or copy "
                 "did not finish"
             )
+
+    def local_damage(self, step: int) -> str | None:
+        """Why this process's own input position in ``step`` cannot be read, if it cannot.
+
+        Checked before the restore, which is collective: a file damaged on one host only must
+        not leave the other hosts waiting for it in orbax's restore barrier. A layout of another
+        process count is no damage here; the restore refuses it on every process alike.
+        """
+        data = self._manager.directory / str(step) / "data"
+        if not data.exists():
+            return None  # the restore names the missing item, on every process alike
+        ours = f"-of-{jax.process_count()}"
+        if not any(p.name.endswith(ours) for p in data.iterdir()):
+            return None  # another process count: the restore refuses it on every process alike
+        try:
+            read_position(str(_process_dir(data) / POSITION_FILE))
+        except tf.errors.OpError as error:
+            return f"input position of process {jax.process_index()}: {error.message}"
+        return None
 
     @property
     def damaged_directory(self) -> epath.Path:

@@ -40,8 +40,12 @@ def resume_newest_good(checkpoints: Checkpoints, resume: Callable[[int], T]) -> 
     """
     failures = []
     while (step := checkpoints.latest_step()) is not None:
-        result, reason = _attempt(resume, step)
-        if (reason := _agreed(reason)) is None:
+        # Each process's own files first, agreed on before the restore (see local_damage).
+        result, reason = None, _agreed(checkpoints.local_damage(step))
+        if reason is None:
+            result, reason = _attempt(resume, step)
+            reason = _agreed(reason)
+        if reason is None:
             return result
         where = checkpoints.set_aside(step)
         log.warning("checkpoint at step %d is damaged (%s): moved to %s", step, reason, where)

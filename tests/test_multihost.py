@@ -131,16 +131,25 @@ def process_logs(run_dir) -> list[str]:
     return [(run_dir / f"process_{i}.log").read_text() for i in range(2)]
 
 
-def test_two_process_training_resumes_like_an_uninterrupted_run(local_data, tmp_path):
+@pytest.fixture(scope="module")
+def straight_two_processes(local_data, tmp_path_factory):
+    """An 8-step two-process run (checkpoints at 4 and 8): its dir and its metrics records."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_dir, train_two_processes(local_data, run_dir, 8)
+
+
+def test_two_process_training_resumes_like_an_uninterrupted_run(
+    local_data, straight_two_processes, tmp_path
+):
     """Resume from a checkpoint written while the straight run went on (an async save of donated
     buffers, mid-run): the resumed steps must be the straight run's, each logged once."""
-    straight = train_two_processes(local_data, tmp_path / "straight", 8)
+    straight_dir, straight = straight_two_processes
     assert [record["step"] for record in straight] == list(range(1, 9))
     assert straight[-1]["loss"] < straight[0]["loss"]
 
     # A fresh run dir holding only the straight run's checkpoint at step 4 (orbax finds a step by
     # its directory; nothing else in checkpoints/ is needed).
-    saved = tmp_path / "straight" / "checkpoints" / "4"
+    saved = straight_dir / "checkpoints" / "4"
     assert {"process_0-of-2", "process_1-of-2"} <= set(os.listdir(saved / "data"))
     shutil.copytree(saved, tmp_path / "resumed" / "checkpoints" / "4")
     resumed = train_two_processes(local_data, tmp_path / "resumed", 8)
@@ -157,3 +166,25 @@ def test_two_process_training_resumes_like_an_uninterrupted_run(local_data, tmp_
 def without_timing(record: dict) -> dict:
     """A metrics record less its wall-clock figures (losses, grad norm, token shares, LR...)."""
     return {key: value for key, value in record.items() if key not in TIMING_KEYS}
+
+
+def test_a_position_damaged_on_one_host_is_set_aside_by_both(
+    local_data, straight_two_processes, tmp_path
+):
+    """Process 1's input position in step 8 is garbled: both processes agree before orbax's
+    collective restore (no one left waiting in it), set step 8 aside and resume from 4."""
+    straight_dir, straight = straight_two_processes
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_dir / "checkpoints", run_dir / "checkpoints")
+    (run_dir / "checkpoints" / "8" / "data" / "process_1-of-2" / "position").write_bytes(b"x")
+
+    resumed = train_two_processes(local_data, run_dir, 8)
+
+    assert [record["step"] for record in resumed] == [5, 6, 7, 8]
+    first, second = process_logs(run_dir)
+    assert "checkpoint at step 8 is damaged (failed to restore on process [1])" in first
+    assert "checkpoint at step 8 is damaged (input position of process 1: " in second
+    for log in (first, second):
+        assert "resuming from the checkpoint at step 4" in log
+    for ours, theirs in zip(resumed, straight[4:], strict=True):
+        assert without_timing(ours) == without_timing(theirs)

@@ -274,8 +274,7 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
 
     def restore(self, path: str) -> None:
         """Rewind or advance to the position ``save`` or ``write_position`` wrote to ``path``."""
-        position = tf.io.parse_tensor(tf.io.read_file(path), out_type=tf.variant)
-        self._iterator._restore_from_tensors({_ITERATOR_STATE: position})
+        self._iterator._restore_from_tensors({_ITERATOR_STATE: read_position(path)})
 
 
 _ITERATOR_STATE = "_STATE"  # the key of a tf.data iterator's state among its checkpoint tensors
@@ -284,6 +283,11 @@ _ITERATOR_STATE = "_STATE"  # the key of a tf.data iterator's state among its ch
 def write_position(position: tf.Tensor, path: str) -> None:
     """Write a ``HostBatches.position`` snapshot to ``path``."""
     tf.io.write_file(path, tf.io.serialize_tensor(position))
+
+
+def read_position(path: str) -> tf.Tensor:
+    """The snapshot ``write_position`` wrote to ``path``; tf.errors.OpError if unreadable."""
+    return tf.io.parse_tensor(tf.io.read_file(path), out_type=tf.variant)
 
 
 class CorruptDataError(ValueError):
