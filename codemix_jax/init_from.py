@@ -27,7 +27,7 @@ from codemix_jax.checkpoint import (
     differences,
 )
 from codemix_jax.data.mixture import HostBatches
-from codemix_jax.recovery import resume_newest_good
+from codemix_jax.recovery import damage, resume_newest_good
 from codemix_jax.train_state import TrainProgram, TrainState, init_train_state, stage_start_state
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,16 @@ def _init_from(
     parts = {"params": abstract.params}
     if init_from.with_optimizer:
         parts["opt_state"] = abstract.opt_state
-    restored = source.restore_state(step, parts)
+    try:
+        restored = source.restore_state(step, parts)
+    except Exception as error:
+        if (reason := damage(error)) is None:
+            raise
+        raise DamagedSourceError(
+            f"cannot initialise from {source.directory} step {step}: it does not restore "
+            f"({reason}). Move that step aside and rerun: its stage resumes from the checkpoint "
+            "before it"
+        ) from None
     state = stage_start_state(
         params=restored["params"],
         opt_state=restored.get("opt_state"),
@@ -148,6 +157,10 @@ def _init_from(
     )
     record = {**init_from.request(), "step": step, "config_hash": _config_hash(saved)}
     return record, state
+
+
+class DamagedSourceError(ValueError):
+    """The checkpoint a stage starts from does not restore: its files are damaged."""
 
 
 def _source_step(source: SavedRun, init_from: InitFrom) -> int:

@@ -62,10 +62,22 @@ def _attempt(resume: Callable[[int], T], step: int) -> tuple[T | None, str | Non
     """``resume(step)`` and None, or None and why the step's files failed to restore."""
     try:
         return resume(step), None
-    except NOT_DAMAGE:
-        raise
-    except Exception as error:  # any other failure to read the files is damage
-        return None, _reason(error)
+    except Exception as error:
+        if (reason := damage(error)) is None:
+            raise
+        return None, reason
+
+
+def damage(error: Exception) -> str | None:
+    """Why a failed restore means damaged files (its root cause's first line, TensorStore's names
+    the file); None if ``error`` is not about the files (see NOT_DAMAGE)."""
+    if isinstance(error, NOT_DAMAGE):
+        return None
+    cause: BaseException = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = str(cause).splitlines() or [""]
+    return f"{type(cause).__name__}: {lines[0]}"
 
 
 def _agreed(reason: str | None) -> str | None:
@@ -75,11 +87,3 @@ def _agreed(reason: str | None) -> str | None:
     if reason is None and failed.any():
         return f"failed to restore on process {np.flatnonzero(failed).tolist()}"
     return reason
-
-
-def _reason(error: BaseException) -> str:
-    """The first line of the error's root cause (TensorStore's names the file and what failed)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0]}"

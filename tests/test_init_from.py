@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -171,6 +172,26 @@ BAD_SOURCES = {
         "holds another params and opt_state than this run's (missing: opt_state.0.0.count",
     ),
 }
+
+
+def test_a_damaged_init_source_is_named_with_its_step_and_cause(
+    local_data, source_run, tmp_path, caplog
+):
+    """The source stage's newest checkpoint (10): its array files truncated after it finished."""
+    source = tmp_path / "source"
+    shutil.copytree(source_run / "checkpoints", source / "checkpoints")
+    for path in (source / "checkpoints" / "10" / "state" / "d").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    run_dir = tmp_path / "stage"
+    status, logs = train_and_log(
+        caplog, local_data, run_dir, [*STAGE, *init_bindings(source)], num_steps=2
+    )
+    assert status == 2, logs
+    assert f"cannot initialise from {source / 'checkpoints'} step 10: it does not restore (" in logs
+    assert "Move that step aside and rerun" in logs
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize("case", BAD_SOURCES)
