@@ -48,8 +48,7 @@ class DataIteratorHandler(ocp.AsyncCheckpointHandler):
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> HostBatches:
         path = _process_dir(directory)
         if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            if any(name.startswith("process_") for name in found):
+            if found := _other_process_count(directory):
                 raise CheckpointMismatchError(
                     f"the input positions in {directory} are {found}: written by another number "
                     f"of processes than this run's {jax.process_count()}"
@@ -60,6 +59,13 @@ class DataIteratorHandler(ocp.AsyncCheckpointHandler):
 
 
 POSITION_FILE = "position"
+
+
+def _other_process_count(data: epath.Path) -> list[str]:
+    """The input positions in the ``data`` item if another number of processes wrote them."""
+    found = sorted(p.name for p in data.iterdir())
+    ours = f"-of-{jax.process_count()}"
+    return [] if any(name.endswith(ours) for name in found) else found
 
 
 def _write_position(directory: epath.Path, position: Any) -> None:
@@ -217,11 +223,8 @@ class Checkpoints:
         process count is no damage here; the restore refuses it on every process alike.
         """
         data = self._manager.directory / str(step) / "data"
-        if not data.exists():
-            return None  # the restore names the missing item, on every process alike
-        ours = f"-of-{jax.process_count()}"
-        if not any(p.name.endswith(ours) for p in data.iterdir()):
-            return None  # another process count: the restore refuses it on every process alike
+        if not data.exists() or _other_process_count(data):
+            return None  # the restore refuses a missing item or another layout on every process
         try:
             read_position(str(_process_dir(data) / POSITION_FILE))
         except tf.errors.OpError as error:
