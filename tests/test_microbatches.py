@@ -132,9 +132,15 @@ def test_microbatches_that_divide_are_accepted():
     )
 
 
-def test_train_refuses_bad_microbatches_before_reading_data(tmp_path, caplog):
+def test_train_refuses_bad_microbatches_before_reading_data(tmp_path, caplog, local_data):
     """The CLI stops with status 2 and the message, before any data is read or compiled."""
-    bindings = ["NUM_STEPS = 100", "MixtureInput.global_batch_size = 8", "train.microbatches = 3"]
+    bindings = [
+        f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
+        f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
+        "NUM_STEPS = 100",
+        "MixtureInput.global_batch_size = 8",
+        "train.microbatches = 3",
+    ]
     flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
     argv = ["train", "--gin_file", "gin/experiments/smoke.gin", "--run_dir", str(tmp_path), *flags]
     assert cli.main(argv) == 2

@@ -63,10 +63,12 @@ def test_last_words_of_an_aborted_process_get_through(tmp_path):
 def test_last_words_after_a_sigterm_to_the_process_group_get_through(tmp_path):
     """A preemption's SIGTERM reaches every process of the group; the run then saves and logs
     how it stopped, which must not meet a filter that is gone (lost lines, a broken pipe)."""
+    # SIGTERM is blocked before 'ready' and taken by sigwait: with a handler and pause(), a
+    # signal arriving between the two would leave pause() waiting forever.
     code = (
         "import signal, sys; from codemix_jax import startup_noise; startup_noise.quiet(); "
-        "signal.signal(signal.SIGTERM, lambda *_: None); print('ready', flush=True); "
-        "signal.pause(); print('saved step 7; stopping', file=sys.stderr)"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); print('ready', flush=True); "
+        "signal.sigwait({signal.SIGTERM}); print('saved step 7; stopping', file=sys.stderr)"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", code],
