@@ -10,9 +10,11 @@ the input resumes exactly where it stopped), and ``meta`` (JSON: the run's ident
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,7 +24,59 @@ import tensorflow as tf
 from etils import epath
 from jax.experimental import multihost_utils
 
-from codemix_jax.data.mixture import HostBatches, read_position, write_position
+from codemix_jax.data.mixture import HostBatches, write_position
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreFailure:
+    """What an item handler's restore returns instead of raising (see ``failure_returned``)."""
+
+    error: Exception
+
+
+def failure_returned(restore: Callable[..., Any]) -> Callable[..., Any]:
+    """An item handler's ``restore`` that returns a ``RestoreFailure`` instead of raising.
+
+    Orbax's restore ends in a barrier of all processes. A host that fails to read its own shards
+    (a file damaged that only it reads) must still reach it, or the others wait there, or meet
+    its next collective instead. ``raise_failures`` raises the failure after the barrier, and the
+    processes agree on it (``recovery.agree``).
+    """
+
+    @functools.wraps(restore)
+    def returning(self: Any, directory: epath.Path, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return restore(self, directory, *args, **kwargs)
+        except Exception as error:
+            return RestoreFailure(error)
+
+    return returning
+
+
+def raise_failures(restored: Any) -> Any:
+    """``restored`` (orbax's composite of items), or the first item's ``RestoreFailure`` raised."""
+    for item in restored.values():
+        if isinstance(item, RestoreFailure):
+            raise item.error
+    return restored
+
+
+class StateHandler(ocp.StandardCheckpointHandler):
+    """The train state's arrays, restored straight into the current mesh's shardings."""
+
+    restore = failure_returned(ocp.StandardCheckpointHandler.restore)
+
+
+class PartialStateHandler(ocp.PyTreeCheckpointHandler):
+    """Another run's train state, of which a part can be restored (``SavedRun``)."""
+
+    restore = failure_returned(ocp.PyTreeCheckpointHandler.restore)
+
+
+class MetaHandler(ocp.JsonCheckpointHandler):
+    """The run's identity, as JSON."""
+
+    restore = failure_returned(ocp.JsonCheckpointHandler.restore)
 
 
 class DataIteratorHandler(ocp.AsyncCheckpointHandler):
@@ -45,6 +99,7 @@ class DataIteratorHandler(ocp.AsyncCheckpointHandler):
     def save(self, directory: epath.Path, args: DataIteratorSave) -> None:
         _write_position(directory, args.iterator.position())
 
+    @failure_returned
     def restore(self, directory: epath.Path, args: DataIteratorRestore) -> HostBatches:
         path = _process_dir(directory)
         if not path.exists():
@@ -54,7 +109,12 @@ class DataIteratorHandler(ocp.AsyncCheckpointHandler):
                     f"of processes than this run's {jax.process_count()}"
                 )
             raise FileNotFoundError(f"no input position for this process in {directory}")
-        args.iterator.restore(str(path / POSITION_FILE))
+        try:
+            args.iterator.restore(str(path / POSITION_FILE))
+        except tf.errors.OpError as error:
+            raise OSError(
+                f"input position of process {jax.process_index()}: {error.message}"
+            ) from None
         return args.iterator
 
 
@@ -78,13 +138,11 @@ def _process_dir(directory: epath.Path) -> epath.Path:
     return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
 
 
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
 class DataIteratorSave(ocp.args.CheckpointArgs):
     iterator: HostBatches
 
 
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
     iterator: HostBatches
@@ -119,8 +177,26 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.abspath(os.path.join(run_dir, "checkpoints"))
 
 
+def _registry(
+    *, state: tuple[ocp.CheckpointHandler, type, type]
+) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Orbax's handlers for the three items, by item and args class (the ``state`` handler and
+    its save and restore args vary): orbax maps an args class to its own handler class only."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    data, meta = DataIteratorHandler(), MetaHandler()
+    for item, (handler, save, restore) in {
+        "state": state,
+        "data": (data, DataIteratorSave, DataIteratorRestore),
+        "meta": (meta, ocp.args.JsonSave, ocp.args.JsonRestore),
+    }.items():
+        registry.add(item, save, handler)
+        registry.add(item, restore, handler)
+    return registry
+
+
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return raise_failures(restored)["meta"]
 
 
 class Checkpoints:
@@ -162,11 +238,9 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": DataIteratorHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            handler_registry=_registry(
+                state=(StateHandler(), ocp.args.StandardSave, ocp.args.StandardRestore)
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -200,7 +274,7 @@ class Checkpoints:
                 data=DataIteratorRestore(batches),
             ),
         )
-        return restored["state"]
+        return raise_failures(restored)["state"]
 
     def _check_committed(self, step: int) -> None:
         """Refuses a step without orbax's commit time: its save (or a copy of it) never finished.
@@ -214,22 +288,6 @@ class Checkpoints:
                 f"{found.path} has no commit time in its _CHECKPOINT_METADATA: its save or copy "
                 "did not finish"
             )
-
-    def local_damage(self, step: int) -> str | None:
-        """Why this process's own input position in ``step`` cannot be read, if it cannot.
-
-        Checked before the restore, which is collective: a file damaged on one host only must
-        not leave the other hosts waiting for it in orbax's restore barrier. A layout of another
-        process count is no damage here; the restore refuses it on every process alike.
-        """
-        data = self._manager.directory / str(step) / "data"
-        if not data.exists() or _other_process_count(data):
-            return None  # the restore refuses a missing item or another layout on every process
-        try:
-            read_position(str(_process_dir(data) / POSITION_FILE))
-        except tf.errors.OpError as error:
-            return f"input position of process {jax.process_index()}: {error.message}"
-        return None
 
     @property
     def damaged_directory(self) -> epath.Path:
@@ -284,11 +342,9 @@ class SavedRun:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(),  # it can restore a part of the tree
-                "data": DataIteratorHandler(),  # not read: a new stage starts its own input
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            handler_registry=_registry(
+                state=(PartialStateHandler(), ocp.args.PyTreeSave, ocp.args.PyTreeRestore)
+            ),
         )
 
     def steps(self) -> list[int]:
@@ -324,7 +380,8 @@ class SavedRun:
             restore_args=ocp.checkpoint_utils.construct_restore_args(parts),
             partial_restore=True,
         )
-        return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
+        return raise_failures(restored)["state"]
 
 
 def _key_name(key: Any) -> str:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from codemix_jax import gin_config, run_dir
 from codemix_jax.budget import short_tokens
+from codemix_jax.checkpoint import Checkpoints
+from codemix_jax.init_from import DamagedSourceError
 from codemix_jax.stage_plan import StagePlan, plan_stage, require_finished_init
 from codemix_jax.stages import FULL, Experiment, Scale
 from codemix_jax.train import train
@@ -66,28 +68,55 @@ def plan_experiment(
 
 
 def run_experiment(plan: ExperimentPlan, *, only: str | None = None) -> None:
-    """Train the stages that are not finished, in order (or only the stage named ``only``).
-
-    Each stage is planned again just before it runs, so it sees what the stages before it left:
-    their final checkpoints and the LR they logged last.
-    """
+    """Train the stages that are not finished, in order (or only the stage named ``only``)."""
     indices = range(len(plan.stages)) if only is None else [plan.experiment.stage_index(only)]
     for index in indices:
-        stage = plan.stages[index] = plan.plan(index)
-        where = (stage.name, stage.latest_step, stage.run_dir)
-        if stage.finished:
-            log.info("stage %r is finished (step %d in %s): skipping", *where)
-            continue
-        require_finished_init(stage)
-        if stage.latest_step:
-            log.info("stage %r: resuming at step %d in %s", *where)
-        else:
-            log.info("stage %r: starting in %s, %s", stage.name, stage.run_dir, _init_text(stage))
-        gin_config.parse(stage.gin_files, stage.bindings)
+        _run_stage(plan, index)
+
+
+def _run_stage(plan: ExperimentPlan, index: int) -> None:
+    """Train stage ``index`` unless it is finished.
+
+    It is planned again just before it runs, so it sees what the stages before it left: their
+    final checkpoints and the LR they logged last. If the final checkpoint it starts from turns
+    out damaged, the stage that wrote it trains its last steps again first.
+    """
+    stage = plan.stages[index] = plan.plan(index)
+    where = (stage.name, stage.latest_step, stage.run_dir)
+    if stage.finished:
+        log.info("stage %r is finished (step %d in %s): skipping", *where)
+        return
+    require_finished_init(stage)
+    if stage.latest_step:
+        log.info("stage %r: resuming at step %d in %s", *where)
+    else:
+        log.info("stage %r: starting in %s, %s", stage.name, stage.run_dir, _init_text(stage))
+    gin_config.parse(stage.gin_files, stage.bindings)
+    try:
         train(run_dir=stage.run_dir)
-        plan.stages[index] = dataclasses.replace(
-            stage, latest_step=run_dir.latest_step(stage.run_dir)
-        )
+    except DamagedSourceError as damaged:
+        _retrain_source(plan, stage, damaged)
+        _run_stage(plan, index)
+        return
+    plan.stages[index] = dataclasses.replace(stage, latest_step=run_dir.latest_step(stage.run_dir))
+
+
+def _retrain_source(plan: ExperimentPlan, stage: StagePlan, damaged: DamagedSourceError) -> None:
+    """Set the source stage's damaged final checkpoint aside (never deleted) and train that
+    stage again from its newest good checkpoint to its end."""
+    with Checkpoints(damaged.directory, save_every=1) as checkpoints:
+        where = checkpoints.set_aside(damaged.step)
+    log.warning(
+        "stage %r cannot start from %s step %d: it does not restore (%s). Moved it to %s; "
+        "training stage %r to its end again from its checkpoint before",
+        stage.name,
+        damaged.directory,
+        damaged.step,
+        damaged.reason,
+        where,
+        stage.init.name,
+    )
+    _run_stage(plan, plan.experiment.stage_index(stage.init.name))
 
 
 def format_plan(plan: ExperimentPlan) -> str:

@@ -27,7 +27,7 @@ from codemix_jax.checkpoint import (
     differences,
 )
 from codemix_jax.data.mixture import HostBatches
-from codemix_jax.recovery import damage, resume_newest_good
+from codemix_jax.recovery import agree, resume_newest_good
 from codemix_jax.train_state import TrainProgram, TrainState, init_train_state, stage_start_state
 
 log = logging.getLogger(__name__)
@@ -140,15 +140,11 @@ def _init_from(
     if init_from.with_optimizer:
         parts["opt_state"] = abstract.opt_state
     try:
-        restored = source.restore_state(step, parts)
-    except Exception as error:
-        if (reason := damage(error)) is None:
-            raise
-        raise DamagedSourceError(
-            f"cannot initialise from {source.directory} step {step}: it does not restore "
-            f"({reason}). Move that step aside and rerun: its stage resumes from the checkpoint "
-            "before it"
-        ) from None
+        restored, error = source.restore_state(step, parts), None
+    except Exception as caught:
+        restored, error = None, caught
+    if reason := agree(error):
+        raise DamagedSourceError(source.directory, step, reason) from None
     state = stage_start_state(
         params=restored["params"],
         opt_state=restored.get("opt_state"),
@@ -161,6 +157,15 @@ def _init_from(
 
 class DamagedSourceError(ValueError):
     """The checkpoint a stage starts from does not restore: its files are damaged."""
+
+    def __init__(self, directory: str, step: int, reason: str):
+        super().__init__(
+            f"cannot initialise from {directory} step {step}: it does not restore ({reason}). "
+            "Move that step aside and rerun: its stage resumes from the checkpoint before it"
+        )
+        self.directory = directory  # the source's checkpoints
+        self.step = step
+        self.reason = reason
 
 
 def _source_step(source: SavedRun, init_from: InitFrom) -> int:

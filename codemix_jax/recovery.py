@@ -40,12 +40,11 @@ def resume_newest_good(checkpoints: Checkpoints, resume: Callable[[int], T]) -> 
     """
     failures = []
     while (step := checkpoints.latest_step()) is not None:
-        # Each process's own files first, agreed on before the restore (see local_damage).
-        result, reason = None, _agreed(checkpoints.local_damage(step))
-        if reason is None:
-            result, reason = _attempt(resume, step)
-            reason = _agreed(reason)
-        if reason is None:
+        try:
+            result, error = resume(step), None
+        except Exception as caught:
+            result, error = None, caught
+        if (reason := agree(error)) is None:
             return result
         where = checkpoints.set_aside(step)
         log.warning("checkpoint at step %d is damaged (%s): moved to %s", step, reason, where)
@@ -58,14 +57,33 @@ def resume_newest_good(checkpoints: Checkpoints, resume: Callable[[int], T]) -> 
     return None
 
 
-def _attempt(resume: Callable[[int], T], step: int) -> tuple[T | None, str | None]:
-    """``resume(step)`` and None, or None and why the step's files failed to restore."""
-    try:
-        return resume(step), None
-    except Exception as error:
-        if (reason := damage(error)) is None:
-            raise
-        return None, reason
+class FailedElsewhereError(ValueError):
+    """A collective restore failed on another process for a reason other than damaged files."""
+
+
+OK, DAMAGED, FAILED = 0, 1, 2  # a process's outcome of a collective restore
+
+
+def agree(error: Exception | None) -> str | None:
+    """Why a collective restore met damaged files on some process, or None if it succeeded on
+    every one. Every process calls this after the restore, with what it raised, if anything.
+
+    A shard may be damaged on one host only, and every process must take the same decision.
+    Re-raises ``error`` if it is not damage (see ``damage``); raises FailedElsewhereError if
+    another process's was not.
+    """
+    reason = None if error is None else damage(error)
+    outcome = OK if error is None else DAMAGED if reason else FAILED
+    outcomes = multihost_utils.process_allgather(np.int32(outcome))
+    if outcome == FAILED:
+        raise error
+    if (failed := np.flatnonzero(outcomes == FAILED)).size:
+        raise FailedElsewhereError(
+            f"the restore failed on process {failed.tolist()}, not for damaged files: see its log"
+        )
+    if reason is None and (damaged := np.flatnonzero(outcomes == DAMAGED)).size:
+        reason = f"failed to restore on process {damaged.tolist()}"
+    return reason
 
 
 def damage(error: Exception) -> str | None:
@@ -78,12 +96,3 @@ def damage(error: Exception) -> str | None:
         cause = cause.__cause__
     lines = str(cause).splitlines() or [""]
     return f"{type(cause).__name__}: {lines[0]}"
-
-
-def _agreed(reason: str | None) -> str | None:
-    """This process's failure, else another's: a shard may be damaged on one host only, and every
-    process must take the same decision."""
-    failed = multihost_utils.process_allgather(np.array(reason is not None))
-    if reason is None and failed.any():
-        return f"failed to restore on process {np.flatnonzero(failed).tolist()}"
-    return reason

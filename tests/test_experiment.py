@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -417,3 +418,41 @@ def test_a_finished_stage_of_other_settings_is_refused(local_data, chain, caplog
     assert "stage 'pretrain' in" in caplog.text
     assert "ModelConfig.d_ff: saved 256 vs now 128" in caplog.text
     assert sorted(os.listdir(os.path.join(root, "cooldown", "checkpoints"))) == before
+
+
+def test_a_damaged_final_checkpoint_of_the_stage_before_is_trained_again(
+    local_data, chain, tmp_path, caplog
+):
+    """pretrain's final checkpoint, the one continued starts from, garbled after pretrain finished.
+    The rerun sets it aside (kept), trains pretrain's last step again from its step before, to
+    the same params bit for bit, and starts continued from them."""
+    root, _, _ = chain
+    fresh = tmp_path / "root"
+    shutil.copytree(os.path.join(root, "pretrain"), fresh / "pretrain")
+    final = STEPS["pretrain"]
+    shards = [p for p in (fresh / "pretrain" / "checkpoints" / str(final)).rglob("d/*")]
+    assert shards
+    for path in shards:
+        path.write_bytes(b"garbled" * 64)
+    args = ["experiment", "--gin_file", SMOKE_ARM, "--root", str(fresh), "--stage", "continued"]
+    with caplog.at_level(logging.INFO):
+        assert cli.main([*args, *flags(chain_bindings(local_data))]) == 0
+
+    checkpoints = fresh / "pretrain" / "checkpoints"
+    assert f"stage 'continued' cannot start from {checkpoints} step {final}: it does not" in (
+        caplog.text
+    )
+    assert f"stage 'pretrain': resuming at step {final - 1}" in caplog.text
+    (aside,) = os.listdir(fresh / "pretrain" / "checkpoints_damaged")
+    assert aside.startswith(f"{final}-")
+    original = params_at(os.path.join(root, "pretrain"), final)
+    for retrained, started, expected in zip(
+        jax.tree.leaves(params_at(str(fresh / "pretrain"), final)),
+        jax.tree.leaves(params_at(str(fresh / "continued"), 1)),  # trained at LR 0
+        jax.tree.leaves(original),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(retrained, expected)
+        np.testing.assert_array_equal(started, expected)
+    continued = records(fresh / "continued" / "metrics.jsonl")
+    assert [r["step"] for r in continued] == list(range(1, STEPS["continued"] + 1))

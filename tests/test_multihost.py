@@ -4,6 +4,7 @@ each resumes its own input from a shared checkpoint, and two-process training re
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def delivered_documents(host: dict[str, np.ndarray], source_id: int, vocab) -> s
 
 LAUNCHER = os.path.join(gin_config.REPO_ROOT, "launch", "local_multiprocess.sh")
 TIMING_KEYS = {"tokens_per_second", "step_time_s", "mfu"}
+HANG_SECONDS = 300  # a two-process run of 8 steps takes about 30 s
 
 
 def train_two_processes(local_data, run_dir, num_steps: int) -> list[dict]:
@@ -115,15 +117,21 @@ def train_two_processes(local_data, run_dir, num_steps: int) -> list[dict]:
     flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
     env = {**os.environ, "CODEMIX": os.path.join(os.path.dirname(sys.executable), "codemix")}
     command = [LAUNCHER, "2", "2", "--gin_file", "gin/experiments/smoke.gin"]
-    result = subprocess.run(
+    launcher = subprocess.Popen(
         [*command, "--run_dir", str(run_dir), *flags],
         cwd=gin_config.REPO_ROOT,
         env=env,
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
+        start_new_session=True,  # its process group: the processes it starts, to kill on a hang
     )
-    assert result.returncode == 0, result.stderr + "".join(process_logs(run_dir))
+    try:
+        _, stderr = launcher.communicate(timeout=HANG_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail(f"hung for {HANG_SECONDS} s:\n" + "".join(process_logs(run_dir))[-5000:])
+    assert launcher.returncode == 0, stderr + "".join(process_logs(run_dir))
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -183,7 +191,34 @@ def test_a_position_damaged_on_one_host_is_set_aside_by_both(
     assert [record["step"] for record in resumed] == [5, 6, 7, 8]
     first, second = process_logs(run_dir)
     assert "checkpoint at step 8 is damaged (failed to restore on process [1])" in first
-    assert "checkpoint at step 8 is damaged (input position of process 1: " in second
+    assert "checkpoint at step 8 is damaged (OSError: input position of process 1: " in second
+    for log in (first, second):
+        assert "resuming from the checkpoint at step 4" in log
+    for ours, theirs in zip(resumed, straight[4:], strict=True):
+        assert without_timing(ours) == without_timing(theirs)
+
+
+def test_arrays_damaged_that_only_one_host_reads_are_set_aside_by_both(
+    local_data, straight_two_processes, tmp_path
+):
+    """Step 8's array files written by process 1 (its shards: process 0 reads none of them) are
+    garbled. Process 1 fails inside orbax's collective restore, process 0 does not; both still
+    meet at its closing barrier, agree, set step 8 aside and resume from 4."""
+    straight_dir, straight = straight_two_processes
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_dir / "checkpoints", run_dir / "checkpoints")
+    shard_files = list((run_dir / "checkpoints" / "8" / "state").glob("ocdbt.process_1/d/*"))
+    assert shard_files, sorted((run_dir / "checkpoints" / "8" / "state").rglob("*"))
+    for path in shard_files:
+        path.write_bytes(b"garbled" * 64)
+
+    resumed = train_two_processes(local_data, run_dir, 8)
+
+    assert [record["step"] for record in resumed] == [5, 6, 7, 8]
+    first, second = process_logs(run_dir)
+    assert "checkpoint at step 8 is damaged (failed to restore on process [1])" in first
+    assert "checkpoint at step 8 is damaged (" in second
+    assert "failed to restore on process" not in second
     for log in (first, second):
         assert "resuming from the checkpoint at step 4" in log
     for ours, theirs in zip(resumed, straight[4:], strict=True):
