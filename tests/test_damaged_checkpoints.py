@@ -126,7 +126,8 @@ def test_a_save_killed_midway_is_not_a_checkpoint(local_data, straight_run, tmp_
         assert train_cli(local_data, run_dir) == 0
 
     assert "resuming from the checkpoint at step 8" in caplog.text
-    assert "damaged" not in caplog.text
+    # (Not caplog.text: an earlier test's leftover orbax task may log its tmp path, "damaged_...")
+    assert not [r for r in caplog.records if r.name.startswith("codemix") and "damaged" in r.msg]
     assert [record["step"] for record in records(run_dir)] == [9, 10, 11, 12]
     assert unfinished.is_dir()
 

@@ -15,6 +15,7 @@ exactly the batches an uninterrupted run would, without replaying the stream.
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future
 
 import gin
 import numpy as np
@@ -250,8 +251,12 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
     def __init__(self, dataset: tf.data.Dataset, *, sources: Sequence[Source], split: str):
         self._iterator = iter(dataset)
         self._sources, self._split = sources, split
+        self._taking: Future[tf.Tensor] | None = None  # a position being taken on another thread
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._taking is not None:
+            self._taking.result()  # it must see this batch not yet drawn
+            self._taking = None
         try:
             batch = next(self._iterator)
         except tf.errors.DataLossError as error:
@@ -267,6 +272,14 @@ class HostBatches(Iterator[dict[str, np.ndarray]]):
         slower part, can then happen in the background (``write_position``).
         """
         return self._iterator._serialize_to_tensors()[_ITERATOR_STATE]  # tf.train.Checkpoint's hook
+
+    def position_on(self, executor: Executor) -> Future[tf.Tensor]:
+        """``position()``, taken on ``executor``'s thread; the next batch waits for it.
+
+        A checkpoint's snapshot thus runs beside the step on the devices, not after it.
+        """
+        self._taking = executor.submit(self.position)
+        return self._taking
 
     def save(self, path: str) -> None:
         """Write the current position to ``path`` (any filesystem TF knows, gs:// included)."""
