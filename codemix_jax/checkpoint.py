@@ -373,7 +373,7 @@ def _shardings(tree: Any) -> Any:
 def _yield_to_training() -> None:
     """Lowest CPU priority for the calling thread and the threads it starts (Linux's SCHED_IDLE:
     it runs only on CPUs nothing else wants): on a host whose CPUs also run the steps, writing
-    must not slow them."""
+    must not slow them. There it may finish some steps later; the next save waits for it."""
     os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
