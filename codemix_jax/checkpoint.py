@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,9 +51,19 @@ def failure_returned(restore: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return restore(self, directory, *args, **kwargs)
         except Exception as error:
+            sys.unraisablehook = _drop_abandoned_reads
             return RestoreFailure(error)
 
     return returning
+
+
+def _drop_abandoned_reads(unraisable: Any) -> None:
+    """``sys.unraisablehook`` once a restore failed: the reads it left in flight report back to
+    orbax's event loop, closed by then, each with a traceback ("Event loop is closed"). Those are
+    dropped (the failure itself is reported once); everything else goes to Python's hook."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
 
 
 def raise_failures(restored: Any) -> Any:

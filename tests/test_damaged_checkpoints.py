@@ -5,13 +5,15 @@ would."""
 
 import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from test_resume import STEPS, records, saved_state, train_cli
+from test_resume import STEPS, records, saved_state, train_args, train_cli
 
 
 def state_file(step_dir: Path) -> Path:
@@ -99,6 +101,22 @@ def test_damaged_newest_is_set_aside_and_the_run_resumes_from_the_one_before(
     assert [record["step"] for record in records(run_dir)] == [9, 10, 11, 12]
     assert contents(set_aside(run_dir)["12"]) == damaged  # moved whole, byte for byte
     assert_ends_as_straight_run(run_dir, straight_run)
+
+
+def test_a_damaged_checkpoint_is_reported_in_one_line_not_a_page(
+    local_data, straight_run, tmp_path
+):
+    """`codemix train` as a user runs it: the reads a failed restore left in flight end in
+    orbax's closed event loop, a traceback each, unless dropped (``_drop_abandoned_reads``)."""
+    run_dir = copy_of(straight_run, tmp_path)
+    for path in (run_dir / "checkpoints" / "12" / "state").rglob("d/*"):
+        path.write_bytes(path.read_bytes()[:10])  # every array: many reads in flight
+    command = [sys.executable, "-m", "codemix_jax", *train_args(local_data, run_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 12 is damaged (" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_keep_policy_removes_the_good_checkpoint_only_for_a_newer_good_one(

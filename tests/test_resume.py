@@ -79,6 +79,11 @@ def test_checkpoint_of_another_model_is_refused(local_data, tmp_path):
 
 
 def train_cli(local_data, run_dir, *extra_bindings: str, num_steps: int = STEPS) -> int:
+    return cli.main(train_args(local_data, run_dir, *extra_bindings, num_steps=num_steps))
+
+
+def train_args(local_data, run_dir, *extra_bindings: str, num_steps: int = STEPS) -> list[str]:
+    """`codemix train`'s arguments for this file's run."""
     bindings = [
         f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
         f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
@@ -97,7 +102,7 @@ def train_cli(local_data, run_dir, *extra_bindings: str, num_steps: int = STEPS)
         *extra_bindings,
     ]
     flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
-    return cli.main(["train", "--gin_file", SMOKE, "--run_dir", str(run_dir), *flags])
+    return ["train", "--gin_file", SMOKE, "--run_dir", str(run_dir), *flags]
 
 
 def records(run_dir) -> list[dict]:
