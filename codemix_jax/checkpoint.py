@@ -43,7 +43,7 @@ def failure_returned(restore: Callable[..., Any]) -> Callable[..., Any]:
     Orbax's restore ends in a barrier of all processes. A host that fails to read its own shards
     (a file damaged that only it reads) must still reach it, or the others wait there, or meet
     its next collective instead. ``raise_failures`` raises the failure after the barrier, and the
-    processes agree on it (``recovery.agree``).
+    processes agree on it (``recovery.restore_together``).
     """
 
     @functools.wraps(restore)
@@ -179,11 +179,10 @@ def _registry(
     """Orbax's handlers for the three items, by item and args class (the ``state`` handler and
     its save and restore args vary): orbax maps an args class to its own handler class only."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    data, meta = DataIteratorHandler(), MetaHandler()
     for item, (handler, save, restore) in {
         "state": state,
-        "data": (data, DataIteratorSave, DataIteratorRestore),
-        "meta": (meta, ocp.args.JsonSave, ocp.args.JsonRestore),
+        "data": (DataIteratorHandler(), DataIteratorSave, DataIteratorRestore),
+        "meta": (MetaHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
     }.items():
         registry.add(item, save, handler)
         registry.add(item, restore, handler)

@@ -27,7 +27,7 @@ from codemix_jax.checkpoint import (
     differences,
 )
 from codemix_jax.data.mixture import HostBatches
-from codemix_jax.recovery import agree, resume_newest_good
+from codemix_jax.recovery import restore_together, resume_newest_good
 from codemix_jax.train_state import TrainProgram, TrainState, init_train_state, stage_start_state
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,8 @@ def _init_from(
     parts = {"params": abstract.params}
     if init_from.with_optimizer:
         parts["opt_state"] = abstract.opt_state
-    try:
-        restored, error = source.restore_state(step, parts), None
-    except Exception as caught:
-        restored, error = None, caught
-    if reason := agree(error):
+    restored, reason = restore_together(lambda: source.restore_state(step, parts))
+    if reason:
         raise DamagedSourceError(source.directory, step, reason) from None
     state = stage_start_state(
         params=restored["params"],

@@ -40,11 +40,8 @@ def resume_newest_good(checkpoints: Checkpoints, resume: Callable[[int], T]) -> 
     """
     failures = []
     while (step := checkpoints.latest_step()) is not None:
-        try:
-            result, error = resume(step), None
-        except Exception as caught:
-            result, error = None, caught
-        if (reason := agree(error)) is None:
+        result, reason = restore_together(lambda: resume(step))
+        if reason is None:
             return result
         where = checkpoints.set_aside(step)
         log.warning("checkpoint at step %d is damaged (%s): moved to %s", step, reason, where)
@@ -55,6 +52,16 @@ def resume_newest_good(checkpoints: Checkpoints, resume: Callable[[int], T]) -> 
             f"{checkpoints.damaged_directory}"
         )
     return None
+
+
+def restore_together(restore: Callable[[], T]) -> tuple[T | None, str | None]:
+    """``restore()``, a collective restore, on every process: its result and None, or None and
+    why some process met damaged files (every process gets the same answer, see ``agree``)."""
+    try:
+        result, error = restore(), None
+    except Exception as caught:
+        result, error = None, caught
+    return result, agree(error)
 
 
 class FailedElsewhereError(ValueError):
