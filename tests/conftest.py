@@ -1,5 +1,9 @@
 """Shared fixtures: a small real corpus and vocabulary, built once per test session."""
 
+import json
+import os
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -31,3 +35,42 @@ def local_instructions(tmp_path_factory) -> str:
     out_dir = str(tmp_path_factory.mktemp("local_instructions"))
     build_local_instructions(out_dir=out_dir, max_examples_per_set=150)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(local_data, tmp_path_factory) -> str:
+    """A real run of the tiny smoke model, 8 steps with checkpoints at 4 and 8 (both kept): what
+    sampling, evaluation and export read."""
+    from codemix_jax import cli
+
+    run_dir = str(tmp_path_factory.mktemp("trained_run"))
+    bindings = [
+        f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
+        f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
+        "NUM_STEPS = 8",
+        "WARMUP_STEPS = 2",
+        "MixtureInput.global_batch_size = 8",
+        "train.checkpoint_every = 4",
+        "train.keep_checkpoints = 5",
+        "train.log_every = 4",
+    ]
+    flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
+    args = ["train", "--gin_file", "gin/experiments/smoke.gin", "--run_dir", run_dir, *flags]
+    assert cli.main(args) == 0
+    return run_dir
+
+
+MESH_SCRIPT = os.path.join(os.path.dirname(__file__), "eval_mesh.py")
+
+
+@pytest.fixture(scope="session")
+def on_two_meshes() -> dict:
+    """Greedy samples and log-likelihoods of a GQA model on one device and on data=2 x fsdp=2 x
+    tensor=2 (params and rows sharded by the project's rules), from one subprocess: the 8
+    devices are set when JAX starts."""
+    result = subprocess.run(
+        [sys.executable, MESH_SCRIPT], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))

@@ -7,7 +7,10 @@ platform, an ``l x l`` score buffer), ``splash`` (TPU) or ``gpu_flash`` (GPU), t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from codemix_jax.model import attention_kernels
@@ -79,8 +82,41 @@ def attend(
     return _IMPLEMENTATIONS[implementation](q, k, v, segment_ids)
 
 
+def cached_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, query_segments: jax.Array, cache: KVCache
+) -> jax.Array:
+    """Attention of new queries over the cache, after writing their keys and values into it.
+
+    The new tokens take the cache's next slots (the same slots in every row); a query sees the
+    keys of its own document (segment id) in its slot or before, as the reference sees its row.
+    """
+    start = cache.index.value
+    cache.keys.value = jax.lax.dynamic_update_slice_in_dim(cache.keys.value, k, start, axis=1)
+    cache.values.value = jax.lax.dynamic_update_slice_in_dim(cache.values.value, v, start, axis=1)
+    cache.segment_ids.value = jax.lax.dynamic_update_slice_in_dim(
+        cache.segment_ids.value, query_segments, start, axis=1
+    )
+    cache.index.value = start + q.shape[1]
+    query_slots = start + jnp.arange(q.shape[1])
+    key_slots = jnp.arange(cache.keys.value.shape[1])
+    same_document = query_segments[:, :, None] == cache.segment_ids.value[:, None, :]
+    mask = same_document & (key_slots[None, None, :] <= query_slots[None, :, None])
+    return jax.nn.dot_product_attention(q, cache.keys.value, cache.values.value, mask=mask[:, None])
+
+
+class KVCache(NamedTuple):
+    """One layer's cache variables: keys and values ``[b, slots, kv_heads, d]``, each slot's
+    segment id ``[b, slots]`` (0 = never written, or padding) and the next free slot."""
+
+    keys: nn.Variable
+    values: nn.Variable
+    segment_ids: nn.Variable
+    index: nn.Variable
+
+
 class Attention(nn.Module):
     config: ModelConfig
+    decode: bool = False  # read and extend the key/value cache (sampling); see Transformer
 
     @nn.compact
     def __call__(self, x: jax.Array, *, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
@@ -91,13 +127,29 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             q = apply_rope(q, positions, theta=cfg.rope_theta)
             k = apply_rope(k, positions, theta=cfg.rope_theta)
-        # Init only needs shapes, from a one-token row no kernel can tile; the reference gives them
-        # on any platform (so an AOT compile for TPU may build its state layout on a CPU host).
-        implementation = "xla" if self.is_initializing() else cfg.attention
-        out = attend(implementation, q, k, v, segment_ids)
+        if self.decode:
+            cache = self._cache(k, segment_ids)
+            # init_cache only needs the cache's shapes: nothing is written then.
+            out = q if self.is_initializing() else cached_attention(q, k, v, segment_ids, cache)
+        else:
+            # Init needs shapes only, from a one-token row no kernel can tile; the reference gives
+            # them on any platform (so an AOT compile for TPU builds its layout on a CPU host).
+            implementation = "xla" if self.is_initializing() else cfg.attention
+            out = attend(implementation, q, k, v, segment_ids)
         out = constrain(out, *BATCH_LENGTH, "activation_heads", "activation_head_dim")
         out_axes = ("heads", "head_dim", "embed")
         return Dense(cfg, (cfg.d_model,), out_axes, contract=2, name="out")(out)
+
+    def _cache(self, k: jax.Array, segment_ids: jax.Array) -> KVCache:
+        """The cache variables, sized at init by the row length ``init_cache`` passes."""
+        return KVCache(
+            keys=self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype),
+            values=self.variable("cache", "cached_value", jnp.zeros, k.shape, k.dtype),
+            segment_ids=self.variable(
+                "cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32
+            ),
+            index=self.variable("cache", "next_slot", jnp.zeros, (), jnp.int32),
+        )
 
     def _project(self, x: jax.Array, num_heads: int, heads_axis: str, *, name: str) -> jax.Array:
         """``[b, l, embed] -> [b, l, num_heads, head_dim]``, constrained by logical names."""

@@ -28,13 +28,14 @@ class Block(nn.Module):
     """
 
     config: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array
     ) -> tuple[jax.Array, None]:
         cfg = self.config
-        attention = Attention(cfg, name="attention")
+        attention = Attention(cfg, decode=self.decode, name="attention")
         mlp = Mlp(cfg, name="mlp")
         if cfg.block == "parallel":
             normed = norm(cfg, name="norm")(x)
@@ -57,13 +58,23 @@ class Transformer(nn.Module):
     ``[d_model, vocab_size]`` (the transposed tied embedding table or the untied head's kernel, in
     the param dtype), so that a loss can project a few tokens at a time (``model/loss.py``): at
     256K vocabulary and 8K tokens per row the full float32 logits are the step's largest buffer.
+
+    With ``decode=True`` attention reads and extends a key/value cache (the ``cache`` collection,
+    made by ``init_cache``): each call appends its tokens' keys and values after those of earlier
+    calls, so a sampler feeds the prompt once, then one token per call.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, *, segment_ids: jax.Array, positions: jax.Array, head: bool = True
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        head: bool = True,
+        decode: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         cfg = self.config
         self._check_inputs(tokens, segment_ids, positions)
@@ -71,7 +82,7 @@ class Transformer(nn.Module):
         x = token_embedding(tokens)
         if cfg.positions == "learned":
             x = x + Embed(cfg, cfg.max_seq_len, "position", name="position_embedding")(positions)
-        x = self._blocks(constrain(x, *EMBED_ACTIVATION), segment_ids, positions)
+        x = self._blocks(constrain(x, *EMBED_ACTIVATION), segment_ids, positions, decode)
         x = norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
             kernel = token_embedding.embedding.T
@@ -81,22 +92,24 @@ class Transformer(nn.Module):
             return x, kernel
         return constrain(vocab_logits(x, kernel), *BATCH_LENGTH, "activation_vocab")
 
-    def _blocks(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def _blocks(
+        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, decode: bool
+    ) -> jax.Array:
         cfg = self.config
         block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
         if not cfg.scan_layers:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, segment_ids, positions)
+                x, _ = block(cfg, decode=decode, name=f"layers_{i}")(x, segment_ids, positions)
             return x
         stack = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(cfg, name="layers")(x, segment_ids, positions)
+        x, _ = stack(cfg, decode=decode, name="layers")(x, segment_ids, positions)
         return x
 
     def _check_inputs(
@@ -120,3 +133,17 @@ def init_params(model: Transformer, rng: jax.Array) -> dict:
     """
     tokens = jnp.zeros((1, 1), jnp.int32)
     return model.init(rng, tokens, segment_ids=tokens + 1, positions=tokens)["params"]
+
+
+def init_cache(model: Transformer, batch_size: int, length: int) -> dict:
+    """An empty key/value cache for ``batch_size`` rows of up to ``length`` tokens (zeros; made
+    from shapes alone, no forward pass runs)."""
+    tokens = jnp.zeros((batch_size, length), jnp.int32)
+
+    def cache() -> dict:
+        variables = model.init(
+            jax.random.key(0), tokens, segment_ids=tokens, positions=tokens, decode=True
+        )
+        return variables["cache"]
+
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(cache))

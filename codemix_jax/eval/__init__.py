@@ -1,0 +1,1 @@
+"""Evaluating trained checkpoints: validation loss, sampling, HumanEval, multiple-choice tasks."""

@@ -1,0 +1,151 @@
+"""`codemix eval`: tasks over checkpoints, one record per (checkpoint, task), resumable.
+
+A target is one run directory or an experiment root (every stage folder under it); the steps are
+one step, the newest, or every kept checkpoint. A checkpoint is loaded only if some task has no
+record for it yet, so rerunning the same command after an interruption, or after more
+checkpoints were kept, does only the missing work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from codemix_jax.checkpoint import checkpoint_dir
+from codemix_jax.data import load_vocab
+from codemix_jax.eval import multiple_choice, records
+from codemix_jax.eval.loglikelihood import LoglikelihoodScorer
+from codemix_jax.trained import TrainedModel, TrainedModelError, load_trained, saved_run
+
+log = logging.getLogger(__name__)
+
+
+class EvalTask(Protocol):
+    """One evaluation: its record name, and its metrics, item count and details on a model."""
+
+    name: str
+
+    def run(self, trained: TrainedModel) -> tuple[dict[str, float], int, dict[str, Any]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceTask:
+    """A JSONL multiple-choice file scored zero-shot by log-likelihood (eval/multiple_choice)."""
+
+    path: str
+    rows: int = 16
+
+    @property
+    def name(self) -> str:
+        return f"mc_{multiple_choice.task_name(self.path)}"
+
+    def run(self, trained: TrainedModel) -> tuple[dict[str, float], int, dict[str, Any]]:
+        items = multiple_choice.read_task(self.path)
+        scorer = LoglikelihoodScorer(
+            model=trained.model,
+            params=trained.params,
+            mesh=trained.mesh,
+            rules=trained.rules,
+            rows=self.rows,
+        )
+        scores = multiple_choice.choice_loglikelihoods(
+            items, scorer=scorer, vocab=load_vocab(trained.vocab_path)
+        )
+        details = {"task_file": os.path.abspath(self.path), "loglikelihoods": scores}
+        return multiple_choice.accuracy(items, scores), len(items), details
+
+
+def multiple_choice_tasks(args: Any) -> list[EvalTask]:
+    """The ``--task`` files of `codemix eval mc` (every shipped task without one)."""
+    names = args.task or sorted(
+        name.removesuffix(".jsonl") for name in os.listdir(multiple_choice.TASKS_DIR)
+    )
+    return [MultipleChoiceTask(multiple_choice.task_path(name)) for name in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    run_dir: str
+    step: int
+
+
+def stage_dirs(root: str) -> list[str]:
+    """The run directories of an experiment root: its sub-folders that hold checkpoints."""
+    if not os.path.isdir(root):
+        raise TrainedModelError(f"experiment root {root!r} is not a directory")
+    found = sorted(
+        os.path.join(root, name)
+        for name in os.listdir(root)
+        if os.path.isdir(checkpoint_dir(os.path.join(root, name)))
+    )
+    if not found:
+        raise TrainedModelError(f"{root!r} has no stage folders with checkpoints")
+    return found
+
+
+def checkpoints_to_evaluate(
+    run_dirs: Sequence[str], *, step: int | None = None, all_steps: bool = False
+) -> list[Checkpoint]:
+    """``step`` (or the newest) of each run, or every kept checkpoint with ``all_steps``."""
+    chosen = []
+    for run_dir in run_dirs:
+        run = saved_run(run_dir)
+        steps = run.steps()
+        if not steps:
+            raise TrainedModelError(f"{run.directory} holds no finished checkpoint")
+        if all_steps:
+            chosen.extend(Checkpoint(run_dir, s) for s in sorted(steps))
+        elif step is None:
+            chosen.append(Checkpoint(run_dir, max(steps)))
+        elif step in steps:
+            chosen.append(Checkpoint(run_dir, step))
+        else:
+            raise TrainedModelError(
+                f"{run.directory} has no checkpoint at step {step}; it has {steps}"
+            )
+    return chosen
+
+
+def evaluate(
+    *,
+    tasks: Sequence[EvalTask],
+    checkpoints: Sequence[Checkpoint],
+    vocab_path: str | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Runs every task on every checkpoint that has no record of it yet; returns the records
+    written. Progress: one line per checkpoint and per task."""
+    written = []
+    for number, checkpoint in enumerate(checkpoints, start=1):
+        where = f"[{number}/{len(checkpoints)}] {checkpoint.run_dir} step {checkpoint.step}"
+        todo = [
+            task
+            for task in tasks
+            if overwrite or not records.has_record(checkpoint.run_dir, checkpoint.step, task.name)
+        ]
+        if not todo:
+            log.info("%s: every task already has a record", where)
+            continue
+        trained = load_trained(checkpoint.run_dir, step=checkpoint.step, vocab_path=vocab_path)
+        for task in todo:
+            start = time.monotonic()
+            metrics, n, details = task.run(trained)
+            path = records.write_record(
+                trained, task=task.name, metrics=metrics, n=n, details=details
+            )
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+            log.info(
+                "%s: %s (n=%d) %s in %.1f s -> %s",
+                where,
+                task.name,
+                n,
+                shown,
+                time.monotonic() - start,
+                path,
+            )
+            written.append(path)
+    return written
