@@ -8,6 +8,7 @@ ones under roomy limits, the runaway ones (fork bomb, loops, flood) under short 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -252,17 +253,13 @@ print(json.dumps({k: sandbox.run_python(p, limits)._asdict() for k, p in program
 def test_an_unprivileged_caller_gets_a_user_namespace(targets):
     """Run as `nobody` with the system interpreter: the mode most users get, where the user
     namespace, not a uid of its own, keeps the program's process count and files apart."""
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3"]
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     module = sandbox.__file__
-    probe = subprocess.run([*as_nobody, "-c", f"open({module!r}).read()"], check=False)
-    if (
-        probe.returncode != 0
-        or subprocess.run(
-            ["setpriv", "--reuid=65534", "unshare", "-r", "true"], check=False
-        ).returncode
-        != 0
+    probes = [["/usr/bin/python3", "-c", f"open({module!r}).read()"], ["unshare", "-r", "true"]]
+    if not shutil.which("setpriv") or any(
+        subprocess.run([*as_nobody, *probe], check=False).returncode for probe in probes
     ):
-        pytest.skip("nobody cannot read this checkout or make a user namespace here")
+        pytest.skip("no setpriv, or nobody cannot run this checkout or make a user namespace")
     programs = {
         "normal": NORMAL,
         "fork_count": FORK_COUNT,
@@ -271,7 +268,7 @@ def test_an_unprivileged_caller_gets_a_user_namespace(targets):
         "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)",
     }
     run = subprocess.run(
-        [*as_nobody, "-c", UNPRIVILEGED, module, json.dumps(programs)],
+        [*as_nobody, "/usr/bin/python3", "-c", UNPRIVILEGED, module, json.dumps(programs)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -280,7 +277,7 @@ def test_an_unprivileged_caller_gets_a_user_namespace(targets):
     results = json.loads(run.stdout)
     assert results["normal"]["status"] == "passed", results["normal"]
     assert results["fork_count"]["stdout"].strip() == str(8 - 1)
-    assert "PermissionError" in results["shadow"]["stderr"]
+    assert results["shadow"]["status"] == "failed"
     assert "ProcessLookupError" in results["kill"]["stderr"]  # its parent's kill did nothing
     assert targets["victim"].poll() is None
     assert "Network is unreachable" in results["network"]["stderr"]
