@@ -192,9 +192,14 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser, *, many: bool) -> Non
     )
 
 
-def _add_sampling_flags(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+def _add_sampling_flags(
+    parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float | None = 0.0
+) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    default = "0 for one sample, 0.8 for several" if temperature is None else temperature
+    parser.add_argument(
+        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {default})"
+    )
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass; 1 = all tokens")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -212,6 +217,18 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_checkpoint_flags(mc_cmd, many=True)
     mc_cmd.set_defaults(run=_eval, tasks=runner.multiple_choice_tasks)
+
+    humaneval_cmd = kinds.add_parser(
+        "humaneval", help="HumanEval pass@k; generated code runs in a sandbox"
+    )
+    humaneval_cmd.add_argument("--n_samples", type=int, default=1, help="completions per problem")
+    humaneval_cmd.add_argument(
+        "--ks", default="1,10,100", help="pass@k for each k <= n_samples (comma-separated)"
+    )
+    humaneval_cmd.add_argument("--limit", type=int, help="only the first N problems")
+    _add_checkpoint_flags(humaneval_cmd, many=True)
+    _add_sampling_flags(humaneval_cmd, max_new_tokens=256, temperature=None)
+    humaneval_cmd.set_defaults(run=_eval, tasks=runner.humaneval_tasks)
 
 
 def build_parser() -> argparse.ArgumentParser:

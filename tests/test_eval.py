@@ -15,7 +15,7 @@ from test_sampling import PROMPTS
 
 from codemix_jax import cli
 from codemix_jax.data import load_vocab
-from codemix_jax.eval import multiple_choice, records
+from codemix_jax.eval import humaneval, multiple_choice, records
 from codemix_jax.eval.loglikelihood import LoglikelihoodScorer, split_pair
 from codemix_jax.eval.sampling import SamplingSettings, sampler_for
 from codemix_jax.trained import TrainedModelError, load_trained
@@ -204,3 +204,26 @@ def test_log_likelihoods_on_an_8_device_mesh_equal_one_device(on_two_meshes):
     one = on_two_meshes["one"]["loglikelihoods"]
     assert len(one) == 3 * len(PROMPTS)
     np.testing.assert_allclose(on_two_meshes["eight"]["loglikelihoods"], one, atol=1e-4)
+
+
+def test_eval_humaneval_records_pass_at_1_of_the_greedy_completions(trained_run, trained, tmp_path):
+    """Three problems, greedy: the record holds pass@1 over 3, and its details the model's own
+    completions cut at the stop sequences, each run in the sandbox."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(trained_run, run_dir)
+    flags = ["--run_dir", run_dir, "--step", "8", "--limit", "3", "--max_new_tokens", "24"]
+    assert cli.main(["eval", "humaneval", *flags]) == 0
+    (record,) = records.read_records(run_dir)
+    assert (record["task"], record["metric"], record["n"]) == ("humaneval_first3", "pass@1", 3)
+    with open(
+        records.record_path(run_dir, 8, "humaneval_first3").replace(".json", ".details.json")
+    ) as f:
+        problems = json.load(f)["problems"]
+    prompts = [problem["prompt"] for problem in humaneval.load_problems(3)]
+    vocab = load_vocab(trained.vocab_path)
+    raw = sampler_for(trained).complete(prompts, SamplingSettings(max_new_tokens=24), vocab)
+    assert [p["samples"][0]["completion"] for p in problems] == [humaneval.truncate(r) for r in raw]
+    statuses = {p["samples"][0]["status"] for p in problems}
+    assert statuses <= {"passed", "failed", "timeout"}
+    passed = sum(p["correct"] for p in problems)
+    assert record["value"] == pytest.approx(passed / 3)

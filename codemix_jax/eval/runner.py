@@ -9,6 +9,7 @@ checkpoints were kept, does only the missing work.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -17,8 +18,9 @@ from typing import Any, Protocol
 
 from codemix_jax.checkpoint import checkpoint_dir
 from codemix_jax.data import load_vocab
-from codemix_jax.eval import multiple_choice, records
+from codemix_jax.eval import humaneval, multiple_choice, records
 from codemix_jax.eval.loglikelihood import LoglikelihoodScorer
+from codemix_jax.eval.sampling import SamplingSettings, sampler_for
 from codemix_jax.trained import TrainedModel, TrainedModelError, load_trained, saved_run
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,53 @@ class MultipleChoiceTask:
         )
         details = {"task_file": os.path.abspath(self.path), "loglikelihoods": scores}
         return multiple_choice.accuracy(items, scores), len(items), details
+
+
+@dataclasses.dataclass(frozen=True)
+class HumanEvalTask:
+    """The 164 HumanEval problems, ``n_samples`` completions each, run in the sandbox."""
+
+    n_samples: int = 1
+    settings: SamplingSettings = dataclasses.field(
+        default_factory=lambda: SamplingSettings(max_new_tokens=256)
+    )
+    ks: tuple[int, ...] = (1, 10, 100)
+    limit: int | None = None  # the first N problems only (a quick look); None = all 164
+
+    @property
+    def name(self) -> str:
+        return "humaneval" if self.limit is None else f"humaneval_first{self.limit}"
+
+    def run(self, trained: TrainedModel) -> tuple[dict[str, float], int, dict[str, Any]]:
+        sampler, vocab = sampler_for(trained), load_vocab(trained.vocab_path)
+        rounds = itertools.count()
+
+        def complete(prompts: list[str]) -> list[str]:
+            # Each round its own seed: n samples of a problem are n draws, not one drawn n times.
+            settings = dataclasses.replace(self.settings, seed=self.settings.seed + next(rounds))
+            return sampler.complete(prompts, settings, vocab)
+
+        summary = humaneval.evaluate_humaneval(
+            complete=complete, n_samples=self.n_samples, ks=self.ks, limit=self.limit
+        )
+        metrics = {key: value for key, value in summary.items() if key.startswith("pass@")}
+        details = {"settings": dataclasses.asdict(self.settings), "problems": summary["problems"]}
+        return metrics, len(summary["problems"]), details
+
+
+def humaneval_tasks(args: Any) -> list[EvalTask]:
+    """The task `codemix eval humaneval` describes with its flags."""
+    temperature = args.temperature
+    if temperature is None:  # one sample: greedy; several: the Codex paper's T for pass@k
+        temperature = 0.0 if args.n_samples == 1 else 0.8
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    ks = tuple(int(k) for k in args.ks.split(","))
+    return [HumanEvalTask(n_samples=args.n_samples, settings=settings, ks=ks, limit=args.limit)]
 
 
 def multiple_choice_tasks(args: Any) -> list[EvalTask]:

@@ -100,7 +100,8 @@ class Sampler:
     """Generates continuations from ``params`` of ``model`` laid out on ``mesh``.
 
     ``vocab_size`` is the tokenizer's size: a model's embedding may have padding rows past it
-    (40192 rows for a 40000-piece vocabulary), which are never sampled.
+    (40192 rows for a 40000-piece vocabulary), which are never sampled. Prompts are generated
+    ``batch_rows`` at a time (rounded up to a multiple of the mesh's data x fsdp size).
     """
 
     def __init__(
@@ -111,13 +112,15 @@ class Sampler:
         mesh: Mesh,
         rules: sharding.Rules,
         vocab_size: int,
+        batch_rows: int = 32,
     ):
         self.model = model
         self.params = params
         self.mesh = mesh
         self.rules = rules
         self.vocab_size = vocab_size
-        self.rows_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.rows_multiple = mesh.shape["data"] * mesh.shape["fsdp"]  # rows shard over these
+        self.batch_rows = _round_up(batch_rows, self.rows_multiple)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], settings: SamplingSettings
@@ -140,9 +143,17 @@ class Sampler:
         if cut := sum(len(prompt) > room for prompt in prompts):
             log.warning("%d prompt(s) longer than %d tokens lost their beginning", cut, room)
         prompts = [list(prompt)[-room:] for prompt in prompts]
+        generated = []
+        for start in range(0, len(prompts), self.batch_rows):
+            generated.extend(self._batch(prompts[start : start + self.batch_rows], settings))
+        return generated
+
+    def _batch(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
+        """At most ``batch_rows`` prompts, padded to the batch's rows and a bucketed length."""
         longest = max(len(prompt) for prompt in prompts)
-        length = min(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, room)
-        rows = -(-len(prompts) // self.rows_multiple) * self.rows_multiple
+        room = self.model.config.max_seq_len - settings.max_new_tokens
+        length = min(_round_up(longest, _LENGTH_BUCKET), room)
+        rows = _round_up(len(prompts), self.rows_multiple)
         batch = left_padded(prompts + [[EOS_ID]] * (rows - len(prompts)), length)
         new_tokens = self._run(batch, settings)
         return [_until_eos(row) for row in new_tokens[: len(prompts)]]
@@ -164,6 +175,10 @@ class Sampler:
                 self.model, settings, self.vocab_size, self.params, inputs, settings.seed
             )
         return np.asarray(jax.device_get(new_tokens))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _until_eos(row: np.ndarray) -> list[int]:
