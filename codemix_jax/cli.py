@@ -18,8 +18,10 @@ from codemix_jax.data.ingest import ingest
 from codemix_jax.data.instruction_sets import build_local_instructions
 from codemix_jax.data.instructions import PROMPT, RESPONSE, InstructionFields
 from codemix_jax.data.report import mixture_report, report_json, report_table
-from codemix_jax.eval import runner
+from codemix_jax.eval import multiple_choice, runner
+from codemix_jax.eval.lm_eval_tasks import write_lm_eval_tasks
 from codemix_jax.eval.sampling import SamplingSettings, sampler_for
+from codemix_jax.export import export_hf
 from codemix_jax.model import ModelConfig, count_parameters
 from codemix_jax.nonfinite import DivergedError
 from codemix_jax.preemption import Preempted
@@ -172,6 +174,16 @@ def _eval(args: argparse.Namespace) -> None:
     )
 
 
+def _lm_eval_tasks(args: argparse.Namespace) -> None:
+    files = [multiple_choice.task_path(name) for name in args.task or multiple_choice.shipped()]
+    names = write_lm_eval_tasks(args.out, files)
+    print(f"lm_eval --include_path {args.out} --tasks {','.join(names)}", flush=True)
+
+
+def _export(args: argparse.Namespace) -> None:
+    print(export_hf(run_dir=args.run_dir, out=args.out, step=args.step), flush=True)
+
+
 def _add_checkpoint_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
     """Which checkpoint(s) to read: a run (and a step), or, with ``many``, runs or a root."""
     if many:
@@ -229,6 +241,13 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     _add_checkpoint_flags(humaneval_cmd, many=True)
     _add_sampling_flags(humaneval_cmd, max_new_tokens=256, temperature=None)
     humaneval_cmd.set_defaults(run=_eval, tasks=runner.humaneval_tasks)
+
+    lm_eval_cmd = kinds.add_parser(
+        "lm-eval-tasks", help="write the multiple-choice tasks as lm-evaluation-harness tasks"
+    )
+    lm_eval_cmd.add_argument("--out", required=True, help="the folder for lm_eval --include_path")
+    lm_eval_cmd.add_argument("--task", action="append", help="as for `eval mc`")
+    lm_eval_cmd.set_defaults(run=_lm_eval_tasks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd.set_defaults(run=_sample)
 
     _add_eval_commands(commands)
+
+    export_cmd = commands.add_parser(
+        "export", help="a checkpoint as a Hugging Face model folder (safetensors + tokenizer)"
+    )
+    export_cmd.add_argument("--run_dir", required=True, help="the run directory to read")
+    export_cmd.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    export_cmd.add_argument(
+        "--out", required=True, help="a new folder; written whole or not at all"
+    )
+    export_cmd.set_defaults(run=_export)
     return parser
 
 
@@ -393,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as stop:  # asked to stop, saved: a rerun of the same command resumes
         log.warning("%s", _message(stop))
         return 0
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         # Bad input (gin, mesh, data, checkpoint, ingest errors all derive from these): the
         # message names the bad value; the traceback is only noise for the user.
         log.error("%s", _message(error))

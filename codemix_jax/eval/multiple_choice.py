@@ -34,6 +34,11 @@ class Item:
     answer: int
 
 
+def shipped() -> list[str]:
+    """The names of the task files shipped in ``eval/tasks``."""
+    return sorted(name.removesuffix(".jsonl") for name in os.listdir(TASKS_DIR))
+
+
 def task_path(name_or_path: str) -> str:
     """A task file by path, or by the name of one shipped in ``eval/tasks`` (``"arithmetic"``)."""
     if os.path.exists(name_or_path):
@@ -41,8 +46,7 @@ def task_path(name_or_path: str) -> str:
     shipped = os.path.join(TASKS_DIR, f"{name_or_path}.jsonl")
     if os.path.exists(shipped):
         return shipped
-    names = sorted(name.removesuffix(".jsonl") for name in os.listdir(TASKS_DIR))
-    raise TaskFileError(f"task file {name_or_path!r} not found (shipped tasks: {names})")
+    raise TaskFileError(f"task file {name_or_path!r} not found (shipped tasks: {shipped()})")
 
 
 def task_name(path: str) -> str:

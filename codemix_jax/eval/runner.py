@@ -110,9 +110,7 @@ def humaneval_tasks(args: Any) -> list[EvalTask]:
 
 def multiple_choice_tasks(args: Any) -> list[EvalTask]:
     """The ``--task`` files of `codemix eval mc` (every shipped task without one)."""
-    names = args.task or sorted(
-        name.removesuffix(".jsonl") for name in os.listdir(multiple_choice.TASKS_DIR)
-    )
+    names = args.task or multiple_choice.shipped()
     return [MultipleChoiceTask(multiple_choice.task_path(name)) for name in names]
 
 
