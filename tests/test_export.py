@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
+import transformers
 from flax import linen as nn
 
 from codemix_jax.checkpoint import Checkpoints, checkpoint_dir, run_identity
@@ -31,9 +33,6 @@ from codemix_jax.export.tokenizer import check_settings
 from codemix_jax.model import ModelConfig, Transformer, init_params
 from codemix_jax.train_state import TrainState
 from codemix_jax.trained import TrainedModelError, saved_run
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 STEP = 3
 LENGTHS = (1, 17, 64, 128)
