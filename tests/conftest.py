@@ -40,7 +40,9 @@ def local_instructions(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_run(local_data, tmp_path_factory) -> str:
     """A real run of the tiny smoke model, 8 steps with checkpoints at 4 and 8 (both kept): what
-    sampling, evaluation and export read."""
+    sampling, evaluation and export read. Initialised with large weights, so that after 8 steps
+    its next token still depends strongly on the context (a test comparing greedy decodes then
+    fails when a position or a cached key is wrong, as it would not with near-uniform logits)."""
     from codemix_jax import cli
 
     run_dir = str(tmp_path_factory.mktemp("trained_run"))
@@ -48,6 +50,7 @@ def trained_run(local_data, tmp_path_factory) -> str:
         f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
         f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
         "NUM_STEPS = 8",
+        "ModelConfig.initializer_std = 0.3",
         "WARMUP_STEPS = 2",
         "MixtureInput.global_batch_size = 8",
         "train.checkpoint_every = 4",
@@ -61,6 +64,16 @@ def trained_run(local_data, tmp_path_factory) -> str:
 
 
 MESH_SCRIPT = os.path.join(os.path.dirname(__file__), "eval_mesh.py")
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run, tmp_path_factory) -> str:
+    """``trained_run``'s step 8 exported by `codemix export` as a Hugging Face folder."""
+    from codemix_jax import cli
+
+    out = str(tmp_path_factory.mktemp("exported_run") / "hf")
+    assert cli.main(["export", "--run_dir", trained_run, "--step", "8", "--out", out]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -227,3 +227,35 @@ def test_eval_humaneval_records_pass_at_1_of_the_greedy_completions(trained_run,
     assert statuses <= {"passed", "failed", "timeout"}
     passed = sum(p["correct"] for p in problems)
     assert record["value"] == pytest.approx(passed / 3)
+
+
+GENERATE_PROMPTS = [
+    "def add(a, b):\n    return",
+    "import os\n\n\nclass Config:\n\tdef __init__(self):",
+    "The history of the city begins",
+    "Größe — naïve café: 東京",
+]
+
+
+def test_greedy_sample_equals_greedy_generate_of_the_transformers_export(
+    trained_run, exported_run, capsys
+):
+    """`codemix sample` and transformers' `generate` on the exported folder, both greedy from the
+    same prompts: the same new tokens, and the same text printed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported_run, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        exported_run, local_files_only=True, dtype=torch.float32
+    )
+    for prompt in GENERATE_PROMPTS:
+        flags = ["--prompt", prompt, "--max_new_tokens", "20", "--step", "8"]
+        assert cli.main(["sample", "--run_dir", trained_run, *flags]) == 0
+        printed = capsys.readouterr().out.removesuffix("\n")
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = hf_model.generate(ids, max_new_tokens=20, do_sample=False)
+        new = out[0, ids.shape[1] :].tolist()
+        assert printed == tokenizer.decode(new, skip_special_tokens=True), prompt
+        assert len(new) == 20 or new[-1] == 1  # full length, or stopped at EOS

@@ -46,16 +46,16 @@ def lm_eval_samples(export: str, include_path: str, out: str) -> list[dict]:
         return sorted((json.loads(line) for line in f), key=lambda sample: sample["doc_id"])
 
 
-def test_lm_eval_on_the_export_scores_what_codemix_eval_mc_scores(trained_run, tmp_path):
+def test_lm_eval_on_the_export_scores_what_codemix_eval_mc_scores(
+    trained_run, exported_run, tmp_path
+):
     run_dir = str(tmp_path / "run")
     shutil.copytree(trained_run, run_dir)
-    export = str(tmp_path / "export")
-    assert cli.main(["export", "--run_dir", run_dir, "--step", "8", "--out", export]) == 0
     assert cli.main(["eval", "mc", "--run_dir", run_dir, "--step", "8", "--task", TASK]) == 0
     include = str(tmp_path / "tasks")
     assert cli.main(["eval", "lm-eval-tasks", "--out", include, "--task", TASK]) == 0
 
-    samples = lm_eval_samples(export, include, str(tmp_path / "lm_eval_out"))
+    samples = lm_eval_samples(exported_run, include, str(tmp_path / "lm_eval_out"))
     details = records.record_path(run_dir, 8, f"mc_{TASK}").replace(".json", ".details.json")
     with open(details) as f:
         ours = json.load(f)["loglikelihoods"]

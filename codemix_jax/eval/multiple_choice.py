@@ -43,9 +43,9 @@ def task_path(name_or_path: str) -> str:
     """A task file by path, or by the name of one shipped in ``eval/tasks`` (``"arithmetic"``)."""
     if os.path.exists(name_or_path):
         return name_or_path
-    shipped = os.path.join(TASKS_DIR, f"{name_or_path}.jsonl")
-    if os.path.exists(shipped):
-        return shipped
+    named = os.path.join(TASKS_DIR, f"{name_or_path}.jsonl")
+    if os.path.exists(named):
+        return named
     raise TaskFileError(f"task file {name_or_path!r} not found (shipped tasks: {shipped()})")
 
 
