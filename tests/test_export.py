@@ -9,6 +9,8 @@ included: freshly initialised ones (zero biases, unit scales) would not show a m
 
 import itertools
 import os
+import subprocess
+import sys
 from typing import NamedTuple
 
 import jax
@@ -32,8 +34,9 @@ from codemix_jax.export.params import SavedParams
 from codemix_jax.export.tokenizer import check_settings
 from codemix_jax.model import ModelConfig, Transformer, init_params
 from codemix_jax.train_state import TrainState
-from codemix_jax.trained import TrainedModelError, saved_run
+from codemix_jax.trained import TrainedModelError, load_trained, saved_run
 
+SMOKE = "gin/experiments/smoke.gin"
 STEP = 3
 LENGTHS = (1, 17, 64, 128)
 TOLERANCE = 1e-4
@@ -326,3 +329,38 @@ def test_a_vocabulary_trained_otherwise_is_refused(local_data):
     proto.normalizer_spec.add_dummy_prefix = True
     with pytest.raises(UnsupportedVocabularyError, match="add_dummy_prefix=True"):
         check_settings(proto, "spm.model")
+
+
+def test_a_checkpoint_sharded_over_8_devices_exports_exactly(local_data, tmp_path):
+    """Paper A's variant trained 2 steps by `codemix train` on 8 devices (fsdp=4 x tensor=2, so
+    its checkpoint holds every array in pieces), exported by this one-device process: the
+    export's logits equal the checkpoint's JAX model's."""
+    run_dir = str(tmp_path / "run")
+    bindings = [
+        f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
+        f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
+        "NUM_STEPS = 2",
+        "WARMUP_STEPS = 1",
+        "MixtureInput.global_batch_size = 8",
+        "ModelConfig.block = 'parallel'",
+        "ModelConfig.norm = 'layernorm'",
+        "ModelConfig.initializer_std = 0.3",
+        "make_mesh.fsdp = 4",
+        "make_mesh.tensor = 2",
+    ]
+    flags = [flag for binding in bindings for flag in ("--gin_bindings", binding)]
+    command = [sys.executable, "-m", "codemix_jax", "train", "--gin_file", SMOKE, *flags]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [*command, "--run_dir", run_dir], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2} of 8 cpu device(s)" in result.stderr
+    out = export_hf(run_dir=run_dir, out=str(tmp_path / "hf"))
+    trained = load_trained(run_dir)
+    tokens = np.asarray([load_vocab(local_data.vocab_path).encode("def f(x):\n    return x")])
+    model, info = load_hf(out)
+    assert type(model).__name__ == "CohereForCausalLM" and not any(info.values())
+    with torch.no_grad():
+        got = model(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, jax_logits(trained.config, trained.params, tokens), atol=1e-4)
