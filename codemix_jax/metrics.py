@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import gin
 import jax
@@ -145,6 +146,10 @@ class Throughput:
         self._last_time = time.perf_counter()
         self._last_step = step
 
+    def leave_out(self, seconds: float) -> None:
+        """Keep ``seconds`` spent on something other than training steps out of the interval."""
+        self._last_time += seconds
+
     def measure(self, step: int) -> dict[str, float]:
         """The interval's figures; none when it holds no step (it starts after the compiling one),
         since any figure for it would be zero or absurd."""
@@ -182,12 +187,21 @@ def summarize(totals: Mapping[str, jax.Array], source_names: Sequence[str]) -> d
     return scalars
 
 
+class Evaluation(Protocol):
+    """Scalars measured on the params now and then (a validation), written in that step's record."""
+
+    def due(self, step: int) -> bool: ...
+
+    def run(self, step: int, params: Any) -> Mapping[str, float]: ...
+
+
 class IntervalLogger:
     """Sums step metrics on device and, every ``log_every`` steps, writes their means.
 
     Step 1 and the last step are always written too: a stage's first and last LR are in its
     metrics (the next stage may start from the last one). Summing on device keeps the host from
-    waiting on every step; only logged steps sync.
+    waiting on every step; only logged steps sync. A step at which ``evaluation`` is due is
+    written too, with its scalars; the time it takes is not in the throughput figures.
     """
 
     def __init__(
@@ -201,8 +215,9 @@ class IntervalLogger:
         first_step: int,
         num_steps: int,
         log_every: int,
+        evaluation: Evaluation | None = None,
     ):
-        self._writer, self._throughput = writer, throughput
+        self._writer, self._throughput, self._evaluation = writer, throughput, evaluation
         self._source_names, self._learning_rate, self._phase_at = (
             source_names,
             learning_rate,
@@ -212,8 +227,11 @@ class IntervalLogger:
         self._totals = None
         self._start_time = time.perf_counter()
 
-    def add(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float] | None:
-        """Accumulate ``step``'s metrics; returns the logged scalars on a log step."""
+    def add(
+        self, step: int, metrics: Mapping[str, jax.Array], params: Any = None
+    ) -> dict[str, float] | None:
+        """Accumulate ``step``'s metrics (and evaluate ``params`` if due); returns the logged
+        scalars on a log step."""
         if self._totals is None:
             self._totals = metrics
         else:
@@ -221,17 +239,28 @@ class IntervalLogger:
         if step == self._first_step:  # Keep compilation out of the throughput figures.
             jax.block_until_ready(self._totals)
             self._throughput.reset(step)
-        if step % self._log_every and step not in (1, self._num_steps):
+        evaluated = self._evaluate(step, params)
+        if not evaluated and step % self._log_every and step not in (1, self._num_steps):
             return None
         scalars = summarize(self._totals, self._source_names)
         scalars["learning_rate"] = float(self._learning_rate(step - 1))
         scalars["mixture_phase"] = self._phase_at(step - 1)
         scalars.update(self._throughput.measure(step))
+        scalars.update(evaluated)
         self._writer.write(step, scalars)
         done = (step - self._first_step + 1) / (self._num_steps - self._first_step + 1)
         log.info(progress_line(step, self._num_steps, done, scalars, self._start_time))
         self._totals = None
         return scalars
+
+    def _evaluate(self, step: int, params: Any) -> Mapping[str, float]:
+        if self._evaluation is None or not self._evaluation.due(step):
+            return {}
+        jax.block_until_ready(params)  # the steps before it are training time
+        start = time.perf_counter()
+        evaluated = self._evaluation.run(step, params)
+        self._throughput.leave_out(time.perf_counter() - start)
+        return evaluated
 
 
 def progress_line(

@@ -15,13 +15,14 @@ from codemix_jax import gin_config, sharding
 from codemix_jax.checkpoint import Checkpoints, checkpoint_dir, run_identity
 from codemix_jax.compiled_step import load as load_compiled_step
 from codemix_jax.data import MixtureInput
+from codemix_jax.eval.validation import Validation, Validator
 from codemix_jax.init_from import InitFrom, start_state
 from codemix_jax.metrics import IntervalLogger, MetricsWriter, Throughput
 from codemix_jax.model import ModelConfig, training_flops_per_token
 from codemix_jax.nonfinite import NonFinitePolicy, NonFiniteWatch
 from codemix_jax.preemption import watching_signals
 from codemix_jax.preflight import check_run_settings
-from codemix_jax.train_state import build_train_program, global_batch
+from codemix_jax.train_state import TrainProgram, build_train_program, global_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def train(
     compiled_step: str = "",
     init_from: InitFrom | None = None,
     nonfinite: NonFinitePolicy | None = None,
+    validation: Validation | None = None,
 ) -> dict[str, float]:
     """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
@@ -67,6 +69,7 @@ def train(
       init_from: start from another run's checkpoint (a new stage) instead of a fresh init, at
         step 0; ignored once ``run_dir`` has checkpoints of its own (it resumes from those).
       nonfinite: what a step with a NaN/inf loss, gradient or update does (default: stop there).
+      validation: when to measure loss and bits per byte on each source's held-out rows.
     Returns:
       The scalars of the last logged step (empty if there was nothing left to train).
     Raises:
@@ -118,9 +121,9 @@ def train(
         writer = MetricsWriter(run_dir, resume_step=start_step)
         logger = _interval_logger(
             writer=writer,
-            model_config=model_config,
+            program=program,
             dataset=dataset,
-            mesh=mesh,
+            validation=validation,
             learning_rate=learning_rate,
             first_step=start_step + 1,
             num_steps=num_steps,
@@ -135,7 +138,7 @@ def train(
             for step in range(start_step + 1, num_steps + 1):
                 state, metrics = program.step(state, global_batch(next(batches), mesh))
                 watch.check(step, metrics)
-                scalars = logger.add(step, metrics) or scalars
+                scalars = logger.add(step, metrics, state.params) or scalars
                 stopping = preemption.reached(step)
                 if stopping or step == num_steps or checkpoints.due(step):
                     watch.flush()  # a non-finite state is never saved
@@ -153,21 +156,25 @@ def _devices(mesh: Mesh) -> str:
 def _interval_logger(
     *,
     writer: MetricsWriter,
-    model_config: ModelConfig,
+    program: TrainProgram,
     dataset: MixtureInput,
-    mesh: Mesh,
+    validation: Validation | None,
     learning_rate: optax.Schedule,
     first_step: int,
     num_steps: int,
     log_every: int,
 ) -> IntervalLogger:
-    """Every ``log_every`` steps: losses per source, token shares, LR, phase, throughput, MFU."""
+    """Every ``log_every`` steps: losses per source, token shares, LR, phase, throughput, MFU;
+    every ``validation.every`` steps: the held-out losses."""
+    validator = (
+        None if validation is None else Validator(validation, program=program, dataset=dataset)
+    )
     return IntervalLogger(
         writer=writer,
         throughput=Throughput(
             tokens_per_step=dataset.global_batch_size * dataset.seq_len,
-            flops_per_token=training_flops_per_token(model_config, dataset.seq_len),
-            num_devices=mesh.size,
+            flops_per_token=training_flops_per_token(program.model.config, dataset.seq_len),
+            num_devices=program.mesh.size,
         ),
         source_names=dataset.source_names,
         learning_rate=learning_rate,
@@ -175,4 +182,5 @@ def _interval_logger(
         first_step=first_step,
         num_steps=num_steps,
         log_every=log_every,
+        evaluation=validator,
     )
