@@ -29,7 +29,7 @@ setup(
         "pyarrow>=16",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "ruff>=0.6"],
         # libtpu: run on TPU VMs, and compile for TPU topologies on any host (`codemix aot`).
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # `codemix export` and its tests: the exported model is checked by transformers on torch.

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from typing import Any
 
+import gin
 import jax
+from gin import config_parser
 from jax.sharding import Mesh
 
 from codemix_jax import sharding
@@ -23,8 +24,6 @@ from codemix_jax.model import ModelConfig, Transformer, init_params
 from codemix_jax.model.attention import REQUIRED_PLATFORM
 
 log = logging.getLogger(__name__)
-
-_VOCAB_BINDING = re.compile(r"^MixtureInput\.vocab_path\s*=\s*['\"](.+)['\"]\s*$", re.M)
 
 
 class TrainedModelError(ValueError):
@@ -81,15 +80,27 @@ def run_vocab_path(run_dir: str) -> str:
     config_path = os.path.join(run_dir, "config.gin")
     if not os.path.exists(config_path):
         raise TrainedModelError(f"{config_path} not found: pass the vocabulary with --vocab_path")
-    with open(config_path) as f:
-        found = _VOCAB_BINDING.search(f.read())
-    if not found:
+    path = _bound_value(config_path, "MixtureInput", "vocab_path")
+    if path is None:
         raise TrainedModelError(f"{config_path} names no MixtureInput.vocab_path")
-    path = found.group(1)
     for candidate in (path, os.path.join(REPO_ROOT, path)):
         if os.path.exists(candidate):
             return candidate
     raise TrainedModelError(f"the run's vocabulary {path!r} (from {config_path}) does not exist")
+
+
+def _bound_value(config_path: str, selector: str, name: str) -> Any:
+    """The value ``config_path`` binds to ``selector.name`` (read by gin's own parser: it wraps
+    long values onto a second line), or None."""
+    with open(config_path) as f:
+        parser = config_parser.ConfigParser(f, gin.config.ParserDelegate(skip_unknown=True))
+        for statement in parser:
+            if isinstance(statement, config_parser.BindingStatement) and (
+                statement.selector,
+                statement.arg_name,
+            ) == (selector, name):
+                return statement.value
+    return None
 
 
 def runnable_here(config: ModelConfig, platform: str) -> ModelConfig:

@@ -1,9 +1,5 @@
 """Shared fixtures: a small real corpus and vocabulary, built once per test session."""
 
-import json
-import os
-import subprocess
-import sys
 from typing import NamedTuple
 
 import pytest
@@ -63,9 +59,6 @@ def trained_run(local_data, tmp_path_factory) -> str:
     return run_dir
 
 
-MESH_SCRIPT = os.path.join(os.path.dirname(__file__), "eval_mesh.py")
-
-
 @pytest.fixture(scope="session")
 def exported_run(trained_run, tmp_path_factory) -> str:
     """``trained_run``'s step 8 exported by `codemix export` as a Hugging Face folder."""
@@ -74,16 +67,3 @@ def exported_run(trained_run, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("exported_run") / "hf")
     assert cli.main(["export", "--run_dir", trained_run, "--step", "8", "--out", out]) == 0
     return out
-
-
-@pytest.fixture(scope="session")
-def on_two_meshes() -> dict:
-    """Greedy samples and log-likelihoods of a GQA model on one device and on data=2 x fsdp=2 x
-    tensor=2 (params and rows sharded by the project's rules), from one subprocess: the 8
-    devices are set when JAX starts."""
-    result = subprocess.run(
-        [sys.executable, MESH_SCRIPT], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))

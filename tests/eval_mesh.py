@@ -1,4 +1,4 @@
-"""Subprocess helper for test_sampling and test_eval: greedy samples and log-likelihoods on one
+"""Subprocess helper for test_eval_on_mesh: greedy samples and log-likelihoods on one
 device and on an 8-device data=2 x fsdp=2 x tensor=2 mesh.
 
 Prints ``RESULT {"one": {...}, "eight": {...}}``; its own process because the 8 fake CPU devices

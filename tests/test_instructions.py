@@ -493,7 +493,10 @@ def test_instruction_tuning_run_reports_the_response_only_loss(
     losses = token_cross_entropy(params, config, batch)
     weights = batch["loss_weights"]
     assert record["loss"] == pytest.approx((losses * weights).sum() / weights.sum(), rel=1e-5)
-    assert not math.isclose(record["loss"], losses.mean(), rel_tol=1e-3)
+    # Weighing every token instead is measurably another number (by 7.5e-4 relative with the
+    # packages installed on 2026-12-06: the markup source, and so the vocabulary, is built from
+    # the installed packages' READMEs); the weighted loss above agrees to 1e-5.
+    assert not math.isclose(record["loss"], losses.mean(), rel_tol=1e-4)
     for index, name in enumerate(dataset.source_names):
         rows = batch["source_id"] == index
         expected = (losses * weights)[rows].sum() / weights[rows].sum()

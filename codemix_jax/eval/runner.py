@@ -72,6 +72,14 @@ class HumanEvalTask:
     ks: tuple[int, ...] = (1, 10, 100)
     limit: int | None = None  # the first N problems only (a quick look); None = all 164
 
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"--n_samples={self.n_samples} must be >= 1")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"--ks={','.join(map(str, self.ks))}: each k must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit={self.limit} must be >= 1")
+
     @property
     def name(self) -> str:
         return "humaneval" if self.limit is None else f"humaneval_first{self.limit}"
