@@ -15,7 +15,7 @@ import pytest
 from codemix_jax import gin_config
 
 # Long enough that a signal sent at step 3 lands well before the end (two processes step slower).
-NUM_STEPS = 300
+NUM_STEPS = 100
 TWO_PROCESS_STEPS = 40
 
 

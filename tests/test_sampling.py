@@ -1,5 +1,6 @@
 """The key/value-cached sampler against the model's uncached forward pass."""
 
+import dataclasses
 import logging
 
 import jax
@@ -21,6 +22,10 @@ from codemix_jax.model.transformer import init_cache
 
 # Unequal prompt lengths: every row but the longest is left-padded.
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [3], [40, 41]]
+
+# One greedy and one sampling setting for most tests: each distinct setting compiles the sampler.
+GREEDY = SamplingSettings(max_new_tokens=16)
+HOT = SamplingSettings(max_new_tokens=16, temperature=1.0)
 
 VARIANTS = {
     "llama": {},
@@ -128,12 +133,12 @@ def test_cached_logits_equal_the_full_forward_pass_padded_rows_included(variant)
 def test_sampling_is_reproducible_by_seed_and_varies_with_it():
     model, params = model_and_params()
     run = sampler(model, params)
-    hot = SamplingSettings(max_new_tokens=16, temperature=1.0, seed=3)
+    hot = dataclasses.replace(HOT, seed=3)
     first = run.generate(PROMPTS, hot)
     assert run.generate(PROMPTS, hot) == first
-    other = run.generate(PROMPTS, SamplingSettings(max_new_tokens=16, temperature=1.0, seed=4))
+    other = run.generate(PROMPTS, dataclasses.replace(HOT, seed=4))
     assert other != first
-    greedy = run.generate(PROMPTS, SamplingSettings(max_new_tokens=16))
+    greedy = run.generate(PROMPTS, GREEDY)
     assert first != greedy
 
 
@@ -141,9 +146,9 @@ def test_a_tiny_nucleus_is_greedy():
     """top_p below the top token's probability keeps only that token, whatever the seed."""
     model, params = model_and_params()
     run = sampler(model, params)
-    greedy = run.generate(PROMPTS, SamplingSettings(max_new_tokens=12))
+    greedy = run.generate(PROMPTS, GREEDY)
     for seed in (0, 1):
-        nucleus = SamplingSettings(max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=seed)
+        nucleus = dataclasses.replace(HOT, top_p=1e-6, seed=seed)
         assert run.generate(PROMPTS, nucleus) == greedy
 
 
@@ -164,7 +169,7 @@ def test_a_row_stops_at_eos_and_the_others_go_on():
     params["token_embedding"]["embedding"] = table.at[EOS_ID].set(table[3] * 50)
     argmax_after_3 = full_logits(model, params, [[3]])[0].argmax(-1)[-1]
     assert argmax_after_3 == EOS_ID
-    generated = sampler(model, params).generate(PROMPTS, SamplingSettings(max_new_tokens=8))
+    generated = sampler(model, params).generate(PROMPTS, GREEDY)
     assert generated[2] == []
     assert all(EOS_ID not in row for row in generated)
 
@@ -172,7 +177,7 @@ def test_a_row_stops_at_eos_and_the_others_go_on():
 def test_padding_rows_of_the_vocabulary_are_never_sampled():
     """A model with 512 rows and a 300-piece tokenizer: ids 300..511 are never produced."""
     model, params = model_and_params()
-    hot = SamplingSettings(max_new_tokens=32, temperature=2.0)
+    hot = dataclasses.replace(HOT, temperature=2.0)
     generated = sampler(model, params, vocab_size=300).generate(PROMPTS, hot)
     unrestricted = sampler(model, params).generate(PROMPTS, hot)
     assert max(max(row) for row in unrestricted) >= 300  # else the check below says nothing
@@ -182,11 +187,11 @@ def test_padding_rows_of_the_vocabulary_are_never_sampled():
 def test_a_prompt_longer_than_the_context_keeps_its_end(caplog):
     model, params = model_and_params()
     run = sampler(model, params)
-    long_prompt = list(range(10, 80))  # 70 tokens, max_seq_len 64, 8 new: the last 56 stay
+    long_prompt = list(range(10, 80))  # 70 tokens, max_seq_len 64, 16 new: the last 48 stay
     with caplog.at_level(logging.WARNING):
-        got = run.generate([long_prompt], SamplingSettings(max_new_tokens=8))
-    assert "1 prompt(s) longer than 56 tokens" in caplog.text
-    assert got == run.generate([long_prompt[-56:]], SamplingSettings(max_new_tokens=8))
+        got = run.generate([long_prompt], GREEDY)
+    assert "1 prompt(s) longer than 48 tokens" in caplog.text
+    assert got == run.generate([long_prompt[-48:]], GREEDY)
 
 
 @pytest.mark.parametrize(
