@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from codemix_jax import gin_config
+from codemix_jax.preemption import watching_signals
 
 # Long enough that a signal sent at step 3 lands well before the end (two processes step slower).
 NUM_STEPS = 100
@@ -83,7 +84,19 @@ def straight_run(local_data, tmp_path_factory) -> dict[int, float]:
     return losses(run_dir)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_sigint_is_caught_like_sigterm_and_a_second_one_stops_at_once():
+    """In one process both signals take the same path; the run below is timed with SIGTERM."""
+    before = signal.getsignal(signal.SIGINT)
+    with watching_signals() as preemption:
+        assert not preemption.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.reached(1)
+        assert str(preemption.stopped(1)).startswith("stopped by SIGINT after step 1")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM])
 def test_a_signal_saves_the_step_exits_0_and_the_rerun_resumes_exactly(
     local_data, straight_run, tmp_path, stop_signal
 ):
