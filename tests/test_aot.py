@@ -13,7 +13,7 @@ import gin
 import numpy as np
 import pytest
 
-from codemix_jax import aot, cli, gin_config, sharding
+from codemix_jax import cli, gin_config, sharding, tpu_topology
 
 pytest.importorskip(
     "libtpu", reason="AOT compilation for TPU needs libtpu: pip install -e '.[tpu]'"
@@ -38,7 +38,7 @@ SHARDINGS = [
     ],
 )
 def test_accelerator_names_map_to_chip_grids(name, chips, grid):
-    tpu = aot.tpu_slice(name)
+    tpu = tpu_topology.tpu_slice(name)
     assert (tpu.chips, tpu.chip_grid) == (chips, grid)
     assert len(tpu.devices()) == chips
 
@@ -50,7 +50,7 @@ def test_accelerator_names_map_to_chip_grids(name, chips, grid):
 )  # fmt: skip
 def test_bad_accelerator_is_named(name, message):
     with pytest.raises(ValueError, match=message):
-        aot.tpu_slice(name)
+        tpu_topology.tpu_slice(name)
 
 
 SLICES = ["v4-16", "v4-64", "v4-512", "v5e-8", "v5e-64", "v5e-256", "v5p-16", "v5p-128", "v5p-512"]
@@ -60,7 +60,7 @@ SLICES = ["v4-16", "v4-64", "v4-512", "v5e-8", "v5e-64", "v5e-256", "v5p-16", "v
 @pytest.mark.parametrize("sharding_file", SHARDINGS)
 def test_every_sharding_builds_its_mesh_on_real_topologies(sharding_file, name):
     """8 to 256 chips of v4, v5e and v5p: each mesh uses every chip exactly once."""
-    tpu = aot.tpu_slice(name)
+    tpu = tpu_topology.tpu_slice(name)
     gin_config.parse([sharding_file])
     mesh = sharding.make_mesh(devices=tpu.devices())
     gin.clear_config()
@@ -76,7 +76,7 @@ def neighbours(a, b, grid) -> bool:
 @pytest.mark.parametrize("name", ["v5e-256", "v4-128", "v5p-64", "v6e-16"])
 def test_tensor_axis_rides_on_neighbouring_chips(name):
     """4-way tensor parallelism all-reduces every layer: its 4 chips must be a ring of links."""
-    tpu = aot.tpu_slice(name)
+    tpu = tpu_topology.tpu_slice(name)
     gin_config.parse([SHARDINGS[2]])
     mesh = sharding.make_mesh(devices=tpu.devices())
     gin.clear_config()

@@ -1,0 +1,102 @@
+"""A parsed gin config laid on a TPU slice: its mesh, batch shards, rows per chip and processes.
+
+Checked from the gin config and the slice's name alone (no devices, no compile), so `codemix plan`
+and `codemix launch` refuse an impossible job, naming the bad value, before any cloud command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import gin
+
+from codemix_jax import sharding
+from codemix_jax.tpu_topology import TpuSlice, tpu_slice
+
+
+@dataclasses.dataclass(frozen=True)
+class JobShape:
+    tpu: TpuSlice
+    mesh: dict[str, int]  # within one slice; ``num_slices`` copies of it are joined over DCN
+    global_batch_size: int
+    seq_len: int
+    microbatches: int
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the batch rows are split: data x fsdp within a slice, times slices."""
+        return self.mesh["data"] * self.mesh["fsdp"] * self.tpu.num_slices
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.global_batch_size // self.batch_shards
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def job_shape(*, accelerator: str, num_slices: int = 1) -> JobShape:
+    """The parsed config's job on ``accelerator`` x ``num_slices``; ValueError names what fails."""
+    tpu = tpu_slice(accelerator, num_slices=num_slices)
+    where = f"{accelerator}" + (f" x {num_slices} slices" if num_slices > 1 else "")
+    try:
+        mesh = sharding.resolve_axis_sizes(_mesh_axes(), tpu.chips_per_slice)
+    except sharding.ShardingError as error:
+        raise sharding.ShardingError(
+            f"the gin mesh does not factor into {where} ({tpu.chips_per_slice} chips per slice): "
+            f"{error}"
+        ) from error
+    shape = JobShape(
+        tpu=tpu,
+        mesh=mesh,
+        global_batch_size=_bound("MixtureInput.global_batch_size"),
+        seq_len=_bound("MixtureInput.seq_len"),
+        microbatches=_bound("train.microbatches", default=1),
+    )
+    _check_batch(shape, where)
+    return shape
+
+
+def _check_batch(shape: JobShape, where: str) -> None:
+    batch, shards = shape.global_batch_size, shape.batch_shards
+    split = (
+        f"global batch {batch} over {shards} batch shards (data {shape.mesh['data']} x fsdp "
+        f"{shape.mesh['fsdp']} x {shape.tpu.num_slices} slice(s)) on {where}"
+    )
+    if batch < shards:
+        raise ValueError(
+            f"a per-chip batch of zero: {split}; raise MixtureInput.global_batch_size to at least "
+            f"{shards} or put more of the mesh on tensor"
+        )
+    if batch % shards:
+        raise ValueError(f"{split}: the batch does not divide evenly")
+    if batch % shape.tpu.processes:
+        raise ValueError(f"global batch {batch} does not divide over {shape.tpu.processes} hosts")
+    if shape.rows_per_shard % shape.microbatches:
+        raise ValueError(
+            f"train.microbatches = {shape.microbatches} does not divide the {shape.rows_per_shard} "
+            f"rows per batch shard ({split})"
+        )
+
+
+def _mesh_axes() -> dict[str, int]:
+    """make_mesh's data/fsdp/tensor as the gin config binds them (its defaults otherwise)."""
+    defaults = inspect.signature(sharding.make_mesh).parameters
+    return {
+        axis: _bound(f"make_mesh.{axis}", default=defaults[axis].default)
+        for axis in sharding.MESH_AXES
+    }
+
+
+_REQUIRED = object()
+
+
+def _bound(selector: str, *, default: object = _REQUIRED) -> int:
+    try:
+        return gin.query_parameter(selector)
+    except ValueError as error:
+        if default is _REQUIRED:
+            raise ValueError(f"the gin config does not bind {selector}") from error
+        return default
