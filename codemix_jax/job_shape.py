@@ -95,7 +95,10 @@ _REQUIRED = object()
 
 def _bound(selector: str, *, default: object = _REQUIRED) -> int:
     try:
-        return gin.query_parameter(selector)
+        value = gin.query_parameter(selector)
+        while isinstance(value, gin.config.ConfigurableReference):  # a macro: %IT_BATCH
+            value = gin.query_parameter(repr(value))
+        return value
     except ValueError as error:
         if default is _REQUIRED:
             raise ValueError(f"the gin config does not bind {selector}") from error
