@@ -22,6 +22,8 @@ from codemix_jax.eval import multiple_choice, runner
 from codemix_jax.eval.lm_eval_tasks import write_lm_eval_tasks
 from codemix_jax.eval.sampling import SamplingSettings, sampler_for
 from codemix_jax.export import export_hf
+from codemix_jax.launch import commands as launch_commands
+from codemix_jax.launch import job as launch_job
 from codemix_jax.model import ModelConfig, count_parameters
 from codemix_jax.nonfinite import DivergedError
 from codemix_jax.preemption import Preempted
@@ -250,6 +252,54 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     lm_eval_cmd.set_defaults(run=_lm_eval_tasks)
 
 
+def _add_launch_commands(commands: argparse._SubParsersAction) -> None:
+    launch_cmd = commands.add_parser(
+        "launch", help="run train/experiment on a TPU slice: gcloud TPU VM, queued resource, xpk"
+    )
+    verbs = launch_cmd.add_subparsers(dest="verb", required=True)
+    create = verbs.add_parser(
+        "create", help="check the job on the slice, make the slice, ship the commit, start"
+    )
+    create.add_argument("--backend", required=True, choices=launch_job.BACKENDS)
+    create.add_argument("--accelerator", required=True, help="e.g. v5e-256, v5p-512, v6e-64")
+    create.add_argument("--num_slices", type=int, default=1, help="slices over DCN")
+    create.add_argument("--zone", required=True, help="checked against launch/zones.py's table")
+    create.add_argument("--allow_unlisted_zone", action="store_true", help="a zone newer than it")
+    create.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    create.add_argument("--provisioning", choices=launch_job.PROVISIONING, default="on-demand")
+    _add_gin_flags(create)
+    job = create.add_mutually_exclusive_group(required=True)
+    job.add_argument("--run_dir", help="run `codemix train` into this gs:// run dir")
+    job.add_argument("--root", help="run `codemix experiment` (the arm) under this gs:// root")
+    create.add_argument("--scale", default="full", help="experiment: the arm's scale")
+    create.add_argument("--stage", help="experiment: only this stage")
+    create.add_argument(
+        "--no_platform_gin", action="store_true", help=f"leave {launch_job.PLATFORM_GIN} out"
+    )
+    create.add_argument("--runtime_version", help="TPU VM software (default: per generation)")
+    create.add_argument("--cluster", help="xpk: the team's GKE cluster")
+    create.add_argument("--image", help="xpk: image repository; tagged with the commit")
+    create.add_argument("--max_restarts", type=int, default=10, help="xpk, SkyPilot: on failure")
+    create.add_argument("--allow_dirty", action="store_true", help="ship HEAD despite changes")
+    create.set_defaults(run=launch_commands.create)
+    for name, run, help_text in (
+        ("status", launch_commands.status, "the slice's state, the command's, restarts"),
+        ("logs", launch_commands.logs, "tail the command's log (worker 0, or --worker all)"),
+        ("stop", launch_commands.stop, "stop the command (it saves a checkpoint); slice stays"),
+        ("delete", launch_commands.delete, "delete the slice, queued request or workload"),
+        ("watch", launch_commands.watch, "poll; re-create after a preemption, resume"),
+    ):
+        verbs.add_parser(name, help=help_text).set_defaults(run=run)
+    for name, verb in verbs.choices.items():
+        verb.add_argument("--name", required=True, help="the launch (a TPU or workload name)")
+        verb.add_argument("--launch_dir", default=launch_job.DEFAULT_LAUNCH_DIR, help="records")
+        if name != "watch":  # watch acts on what it sees; a dry run sees nothing
+            verb.add_argument("--dry_run", action="store_true", help="print commands, run none")
+    verbs.choices["logs"].add_argument("--worker", default="0", help="a worker number, or all")
+    verbs.choices["logs"].add_argument("--no_follow", action="store_true")
+    verbs.choices["watch"].add_argument("--poll_s", type=float, default=60, help="seconds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codemix", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -387,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd.set_defaults(run=_sample)
 
     _add_eval_commands(commands)
+    _add_launch_commands(commands)
 
     export_cmd = commands.add_parser(
         "export", help="a checkpoint as a Hugging Face model folder (safetensors + tokenizer)"
