@@ -1,5 +1,5 @@
 """The ``codemix`` command: train, experiment, params, build-corpus, build-instructions,
-train-vocab, ingest, mixture-report, aot, sample, eval, export."""
+train-vocab, ingest, mixture-report, aot, plan, sample, eval, export."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import gin
 import jax
 
-from codemix_jax import aot, experiment, gin_config
+from codemix_jax import aot, experiment, gin_config, planner
 from codemix_jax.data import MixtureInput, build_local_corpus, load_vocab, train_vocab
 from codemix_jax.data.ingest import ingest
 from codemix_jax.data.instruction_sets import build_local_instructions
@@ -32,6 +32,7 @@ from codemix_jax.trained import load_trained
 
 log = logging.getLogger("codemix")
 
+EXIT_DOES_NOT_FIT = 1  # `codemix plan`: a step needs more memory than a chip has
 EXIT_DIVERGED = 3  # 0: done or stopped on request with a checkpoint; 2: bad input; 3: diverged
 
 
@@ -151,6 +152,21 @@ def _aot(args: argparse.Namespace) -> None:
         save_compiled=args.save_compiled or "",
     )
     print(json.dumps(report.as_json()) if args.json else aot.format_report(report))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    plan = planner.plan_costs(
+        experiments=[args.gin_file] if args.gin_file else [[arm] for arm in args.grid],
+        bindings=args.gin_bindings,
+        topology=args.topology,
+        num_slices=args.num_slices,
+        mfu=tuple(float(value) for value in args.mfu.split(",")),
+        platform_gin=args.platform_gin,
+        check_memory=not args.no_aot,
+        scale=args.scale,
+    )
+    print(json.dumps(planner.costs_json(plan)) if args.json else planner.format_costs(plan))
+    return 0 if plan.fits else EXIT_DOES_NOT_FIT
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -419,6 +435,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     aot_cmd.set_defaults(run=_aot)
 
+    plan_cmd = commands.add_parser(
+        "plan", help="an experiment's steps, hours and chip-hours on a TPU slice, and fits or not"
+    )
+    arms = plan_cmd.add_mutually_exclusive_group(required=True)
+    arms.add_argument("--gin_file", action="append", help="an arm's gin file; repeat to compose")
+    arms.add_argument("--grid", nargs="+", metavar="ARM", help="several arms, summed")
+    plan_cmd.add_argument("--gin_bindings", action="append", default=[], help="for every arm")
+    plan_cmd.add_argument("--topology", required=True, help="TPU slice, e.g. v5e-256")
+    plan_cmd.add_argument("--num_slices", type=int, default=1, help="slices over DCN")
+    plan_cmd.add_argument("--mfu", default="0.3,0.6", help="assumed MFU range, 'low,high'")
+    plan_cmd.add_argument(
+        "--platform_gin",
+        default=planner.TPU_PLATFORM_GIN,
+        help="parsed after each arm's files (TPU kernels); '' for none",
+    )
+    plan_cmd.add_argument("--no_aot", action="store_true", help="skip the memory verdict")
+    plan_cmd.add_argument("--scale", default="full", help="'full' or a scale the arms name")
+    plan_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    plan_cmd.set_defaults(run=_plan)
+
     report_cmd = commands.add_parser(
         "mixture-report", help="token shares a gin mixture delivers vs. the configured ones"
     )
@@ -469,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except Preempted as stop:  # asked to stop, saved: a rerun of the same command resumes
         log.warning("%s", _message(stop))
         return 0
@@ -483,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_DIVERGED
     finally:
         gin.clear_config()
-    return 0
+    return status or 0
 
 
 def _message(error: Exception) -> str:
