@@ -230,11 +230,16 @@ def _configured(selector: str) -> str:
 
 
 def _stage_config() -> str:
-    """The parsed stage's whole gin config, less the arm's lists of stages and scales: two arms
-    whose stage of one name has the same config train the very same run."""
+    """The parsed stage's whole gin config, less the arm's lists of stages and scales and the
+    macros nothing left reads (other stages' budgets, say): two arms whose stage of one name has
+    the same config train the very same run."""
     sections = re.split(r"\n(?=# Parameters for )", gin.config_str())
+    macros = sections.pop(0) if sections[0].startswith("# Macros:") else ""
     arm_only = re.compile(r"# Parameters for ([\w.]+/)?(experiment|Stage|Scale):")
-    return "\n".join(section for section in sections if not arm_only.match(section))
+    kept = "\n".join(section for section in sections if not arm_only.match(section))
+    entries = re.split(r"\n(?=\w+ = )", macros)  # a macro's value may go on over indented lines
+    used = [entry for entry in entries if f"%{entry.split(' = ')[0]}" in kept]
+    return "\n".join([*used, kept])
 
 
 def _verdicts(setups: list[_Setup], *, tpu: TpuSlice, check_memory: bool) -> dict[str, Verdict]:

@@ -93,24 +93,29 @@ def test_totals_are_the_sums_of_the_stages():
 
 
 def test_a_stage_two_arms_share_counts_once_in_the_grid():
-    """balanced_cooldown.gin's pretrain is balanced.gin's (one --root trains it once); the
-    200B pretrain of balanced_to_text.gin has the same name but another budget: not shared."""
+    """balanced_cooldown.gin's pretrain is balanced.gin's (one --root trains it once); the 200B
+    pretrain of balanced_to_text.gin has the same name but another budget: not shared; but
+    code_share_50.gin's is that one (other arm files, the same run)."""
     plan = planner.plan_costs(
-        experiments=[[BALANCED], [BALANCED_COOLDOWN], [BALANCED_TO_TEXT]],
+        experiments=[[BALANCED], [BALANCED_COOLDOWN], [BALANCED_TO_TEXT], [CODE_SHARE_50]],
         topology="v5e-256",
         check_memory=False,
     )
     balanced = plan.experiments[BALANCED]
     pretrain, cooldown = plan.experiments[BALANCED_COOLDOWN]
     to_text = plan.experiments[BALANCED_TO_TEXT]
-    assert pretrain.shared_with == BALANCED
+    (code_share_50,) = plan.experiments[CODE_SHARE_50]
+    assert pretrain.shared_with == BALANCED and code_share_50.shared_with == BALANCED_TO_TEXT
     assert [s.shared_with for s in (*balanced, cooldown, *to_text)] == [""] * 4
     assert to_text[0].name == "pretrain" and to_text[0].budget.tokens == 200e9
     counted = sum(s.flops for s in (*balanced, cooldown, *to_text))
     assert sum(s.flops for s in plan.counted) == pytest.approx(counted, rel=1e-12)
     text = planner.format_costs(plan)
     assert f"(shared with {BALANCED})" in text
-    assert f"shared stages counted once: pretrain of {BALANCED_COOLDOWN}" in text
+    assert (
+        f"shared stages counted once: pretrain of {BALANCED_COOLDOWN}, pretrain of {CODE_SHARE_50}"
+        in text
+    )
     grid_total = next(line for line in text.splitlines() if "grid total" in line)
     low, high = plan.mfu
     assert (
