@@ -54,6 +54,14 @@ class Scripted:
         return [argv for argv in self.commands if all(p in shlex.join(argv) for p in pieces)]
 
 
+class Refusing(Scripted):
+    """Fails at the first command, so a launch that should have been refused cannot go on."""
+
+    def run(self, argv, *, capture=False) -> str:
+        super().run(argv)
+        raise runner.LaunchFailed(f"ran {shlex.join(argv)}")
+
+
 def spec(**overrides) -> LaunchSpec:
     fields = dict(
         name="balanced",
@@ -175,7 +183,7 @@ def test_skypilot_task_file(tmp_path):
     ],
 )
 def test_bad_input_is_refused_before_any_command(tmp_path, monkeypatch, caplog, flags, message):
-    fake = Scripted()
+    fake = Refusing()
     monkeypatch.setattr(commands, "_runner", lambda args: fake)
     with caplog.at_level(logging.ERROR):
         assert cli.main(create_flags(tmp_path, *flags)) == 2
