@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import gin
 import jax
 
-from codemix_jax import aot, experiment, gin_config, planner
+from codemix_jax import aot, distributed, experiment, gin_config, planner
 from codemix_jax.data import MixtureInput, build_local_corpus, load_vocab, train_vocab
 from codemix_jax.data.ingest import ingest
 from codemix_jax.data.instruction_sets import build_local_instructions
@@ -33,7 +33,8 @@ from codemix_jax.trained import load_trained
 log = logging.getLogger("codemix")
 
 EXIT_DOES_NOT_FIT = 1  # `codemix plan`: a step needs more memory than a chip has
-EXIT_DIVERGED = 3  # 0: done or stopped on request with a checkpoint; 2: bad input; 3: diverged
+EXIT_DIVERGED = 3  # 0: done or stopped with a checkpoint; 2: bad input; 3: diverged; 4: job broken
+# (a process of a multi-process job lost); 5: a step hung (watchdog)
 
 
 def _add_gin_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,15 +60,30 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num_processes", type=int, help="with --coordinator_address")
     parser.add_argument("--process_id", type=int, help="with --coordinator_address")
+    parser.add_argument(
+        "--distributed_timeout_s",
+        type=int,
+        default=300,
+        help="exit (code 2, naming the coordinator) if the job is not joined within this long",
+    )
+    parser.add_argument(
+        "--heartbeat_timeout_s",
+        type=int,
+        default=100,
+        help="a process silent this long counts as dead and the job's others exit (code 4)",
+    )
 
 
 def _start_distributed(args: argparse.Namespace) -> None:
-    if args.coordinator_address:
-        jax.distributed.initialize(
-            args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    """Join the job: at the given coordinator, or the one jax detects (TPU pods, SLURM, GKE)."""
+    if args.coordinator_address or args.distributed:
+        distributed.join(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            timeout_s=args.distributed_timeout_s,
+            heartbeat_timeout_s=args.heartbeat_timeout_s,
         )
-    elif args.distributed:
-        jax.distributed.initialize()  # TPU pods and SLURM/GKE: the cluster is auto-detected.
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -495,7 +511,7 @@ def _configure_logging() -> None:
         for handler in list(getattr(logger, "handlers", [])):  # placeholders have none
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(format=distributed.log_format())
     logging.getLogger().setLevel(logging.INFO)
     logging.captureWarnings(True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter at every save
@@ -517,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivergedError as error:
         log.error("%s", _message(error))
         return EXIT_DIVERGED
+    except jax.errors.JaxRuntimeError as error:
+        if jax.distributed.is_initialized():  # a peer gone: leave now, not after jax's shutdown
+            distributed.leave_broken_job(error)
+        raise
     finally:
         gin.clear_config()
     return status or 0

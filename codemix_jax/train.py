@@ -23,6 +23,7 @@ from codemix_jax.nonfinite import NonFinitePolicy, NonFiniteWatch
 from codemix_jax.preemption import watching_signals
 from codemix_jax.preflight import check_run_settings
 from codemix_jax.train_state import TrainProgram, build_train_program, global_batch
+from codemix_jax.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def train(
     init_from: InitFrom | None = None,
     nonfinite: NonFinitePolicy | None = None,
     validation: Validation | None = None,
+    watchdog: StepWatchdog | None = None,
 ) -> dict[str, float]:
     """Train ``model_config`` on ``dataset`` for ``num_steps``; resumes from ``run_dir``.
 
@@ -70,13 +72,12 @@ def train(
         step 0; ignored once ``run_dir`` has checkpoints of its own (it resumes from those).
       nonfinite: what a step with a NaN/inf loss, gradient or update does (default: stop there).
       validation: when to measure loss and bits per byte on each source's held-out rows.
-    Returns:
-      The scalars of the last logged step (empty if there was nothing left to train).
-    Raises:
-      Preempted: after saving, on SIGTERM/SIGINT (a rerun resumes); DivergedError: at a
-        non-finite step.
+      watchdog: when a step is named as slow, and when as hung (the process exits).
+    Returns the scalars of the last logged step (empty if there was nothing left to train).
+    Raises Preempted after saving on SIGTERM/SIGINT (a rerun resumes); DivergedError at a
+    non-finite step.
     """
-    nonfinite = nonfinite or NonFinitePolicy()
+    nonfinite, watchdog = nonfinite or NonFinitePolicy(), watchdog or StepWatchdog()
     check_run_settings(
         run_dir=run_dir,
         model_vocab_size=model_config.vocab_size,
@@ -134,9 +135,10 @@ def train(
         log.info("training steps %d..%d on %s", start_step + 1, num_steps, _devices(mesh))
         watch = NonFiniteWatch(nonfinite, last_checkpoint=checkpoints.describe_latest)
         scalars: dict[str, float] = {}
-        with checkpoints, writer, watching_signals() as preemption:
+        with checkpoints, writer, watching_signals() as preemption, watchdog.watching() as steps:
             for step in range(start_step + 1, num_steps + 1):
-                state, metrics = program.step(state, global_batch(next(batches), mesh))
+                batch = global_batch(next(batches), mesh)
+                state, metrics = steps.run(step, program.step, state, batch)
                 watch.check(step, metrics)
                 scalars = logger.add(step, metrics, state.params) or scalars
                 stopping = preemption.reached(step)
