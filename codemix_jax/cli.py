@@ -177,7 +177,7 @@ def _plan(args: argparse.Namespace) -> int:
         topology=args.topology,
         num_slices=args.num_slices,
         mfu=tuple(float(value) for value in args.mfu.split(",")),
-        platform_gin=args.platform_gin,
+        platform_gin="" if args.no_platform_gin else args.platform_gin,
         check_memory=not args.no_aot,
         scale=args.scale,
     )
@@ -460,11 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--gin_bindings", action="append", default=[], help="for every arm")
     plan_cmd.add_argument("--topology", required=True, help="TPU slice, e.g. v5e-256")
     plan_cmd.add_argument("--num_slices", type=int, default=1, help="slices over DCN")
-    plan_cmd.add_argument("--mfu", default="0.3,0.6", help="assumed MFU range, 'low,high'")
+    plan_cmd.add_argument("--mfu", default="0.3,0.6", help="assumed MFU: 'low,high' or one value")
     plan_cmd.add_argument(
         "--platform_gin",
         default=planner.TPU_PLATFORM_GIN,
-        help="parsed after each arm's files (TPU kernels); '' for none",
+        help="parsed after each arm's files (default: the TPU kernels)",
+    )
+    plan_cmd.add_argument(
+        "--no_platform_gin", action="store_true", help="plan without it (as codemix launch)"
     )
     plan_cmd.add_argument("--no_aot", action="store_true", help="skip the memory verdict")
     plan_cmd.add_argument("--scale", default="full", help="'full' or a scale the arms name")

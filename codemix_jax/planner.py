@@ -126,7 +126,7 @@ def plan_costs(
     bindings: Sequence[str] = (),
     topology: str,
     num_slices: int = 1,
-    mfu: tuple[float, float] = (0.3, 0.6),
+    mfu: Sequence[float] = (0.3, 0.6),
     platform_gin: str = TPU_PLATFORM_GIN,
     check_memory: bool = True,
     scale: str = experiment.FULL,
@@ -138,9 +138,9 @@ def plan_costs(
     ``--root`` do: a stage two arms both have, with the same config, is trained once.
     """
     tpu = tpu_slice(topology, num_slices=num_slices)
-    low, high = sorted(mfu)
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"MFU must be in (0, 1], got {mfu}")
+    if len(mfu) not in (1, 2) or not 0 < min(mfu) <= max(mfu) <= 1:
+        raise ValueError(f"MFU must be one value or a range 'low,high' in (0, 1], got {mfu}")
+    low, high = min(mfu), max(mfu)
     labels = [_label(files) for files in experiments]
     if len(set(labels)) != len(labels):
         raise ValueError(f"an experiment is given twice: {labels}")

@@ -155,7 +155,7 @@ def unfitting_plan():
     """The same chain at sequence 32,768 with dense attention: each chip would hold a
     [1, 4, 32768, 32768] float32 score matrix (16 GiB) of its one row."""
     return run_cli(
-        ["--gin_file", SMOKE_STAGES, "--topology", "v5e-8", "--platform_gin", "",
+        ["--gin_file", SMOKE_STAGES, "--topology", "v5e-8", "--no_platform_gin",
          "--gin_bindings", "MixtureInput.seq_len = 32768",
          "--gin_bindings", "ModelConfig.max_seq_len = 32768",
          "--gin_bindings", "MixtureInput.global_batch_size = 8"]
@@ -190,7 +190,7 @@ def test_a_step_that_does_not_fit_is_named_and_exits_1(unfitting_plan):
         ("v5e-8", "make_mesh.tensor = 3", [], "the gin mesh does not factor into v5e-8"),
         ("v5e-8", "MixtureInput.global_batch_size = 4", [],
          "a per-chip batch of zero: global batch 4 over 8 batch shards"),
-        ("v5e-8", "", ["--mfu", "0,0.5"], "MFU must be in (0, 1]"),
+        ("v5e-8", "", ["--mfu", "0,0.5"], "MFU must be one value or a range"),
     ],
 )  # fmt: skip
 def test_bad_input_is_named_before_anything_compiles(tmp_path, topology, arm_line, flags, message):
