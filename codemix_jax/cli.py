@@ -295,7 +295,9 @@ def _add_launch_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--backend", required=True, choices=launch_job.BACKENDS)
     create.add_argument("--accelerator", required=True, help="e.g. v5e-256, v5p-512, v6e-64")
     create.add_argument("--num_slices", type=int, default=1, help="slices over DCN")
-    create.add_argument("--zone", required=True, help="checked against launch/zones.py's table")
+    create.add_argument(
+        "--zone", required=True, help="checked against the table in codemix_jax/launch/zones.py"
+    )
     create.add_argument("--allow_unlisted_zone", action="store_true", help="a zone newer than it")
     create.add_argument("--project", help="Google Cloud project (default: gcloud's)")
     create.add_argument("--provisioning", choices=launch_job.PROVISIONING, default="on-demand")
