@@ -180,7 +180,10 @@ def _laid_out(
     setups: dict[str, _Setup] = {}
     for stage in plan.stages:
         gin_config.parse(stage.gin_files, stage.bindings)
-        shape = job_shape(accelerator=tpu.accelerator, num_slices=tpu.num_slices)
+        try:
+            shape = job_shape(accelerator=tpu.accelerator, num_slices=tpu.num_slices)
+        except ValueError as error:
+            raise ValueError(f"{label}, stage {stage.name!r}: {error}") from error
         init = setups[stage.init.name].identity if stage.init else "scratch"
         setups[stage.name] = _Setup(
             experiment=label,

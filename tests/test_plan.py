@@ -203,5 +203,7 @@ def test_bad_input_is_named_before_anything_compiles(tmp_path, topology, arm_lin
     )
     assert status == 2
     assert message in log and out == ""
+    if arm_line:  # the arm and stage the bad value is in
+        assert f"{bad_arm}, stage 'pretrain': " in log
     assert "compiling step" not in log
     assert seconds < 30  # planning alone; compiling the first arm's step takes about 10 s more
