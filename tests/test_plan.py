@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import logging
-import time
 
 import pytest
 
@@ -36,19 +35,18 @@ class Collect(logging.StreamHandler):
     pass
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str, float]:
-    """``codemix plan ...`` in process: exit status, stdout, the log and the wall time."""
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``codemix plan ...`` in process: exit status, stdout and the log."""
     log = io.StringIO()
     handler = Collect(log)  # not a plain StreamHandler, which the cli replaces with its own
     logging.getLogger().addHandler(handler)
     stdout = io.StringIO()
-    start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(stdout):
             status = cli.main(["plan", *argv])
     finally:
         logging.getLogger().removeHandler(handler)
-    return status, stdout.getvalue(), log.getvalue(), time.perf_counter() - start
+    return status, stdout.getvalue(), log.getvalue()
 
 
 def test_steps_step_time_and_chip_hours_follow_the_budget_and_the_flops_formula():
@@ -76,7 +74,7 @@ def test_steps_step_time_and_chip_hours_follow_the_budget_and_the_flops_formula(
 
 
 def test_totals_are_the_sums_of_the_stages():
-    status, out, _, _ = run_cli(
+    status, out, _ = run_cli(
         ["--gin_file", SMOKE_STAGES, "--topology", "v5e-8", "--no_aot", "--json"]
     )
     assert status == 0
@@ -164,7 +162,7 @@ def unfitting_plan():
 
 def test_a_step_that_fits_is_compiled_once_for_its_stages(fitting_plan):
     pytest.importorskip("libtpu", reason="the memory verdict compiles for TPU: needs libtpu")
-    status, out, log, _ = fitting_plan
+    status, out, log = fitting_plan
     assert status == 0
     assert log.count("compiling step") == 1 and "compiling step 1 of 1" in log
     assert "platform gin: gin/platforms/tpu.gin" in out
@@ -174,7 +172,7 @@ def test_a_step_that_fits_is_compiled_once_for_its_stages(fitting_plan):
 
 def test_a_step_that_does_not_fit_is_named_and_exits_1(unfitting_plan):
     pytest.importorskip("libtpu", reason="the memory verdict compiles for TPU: needs libtpu")
-    status, out, _, _ = unfitting_plan
+    status, out, _ = unfitting_plan
     assert status == cli.EXIT_DOES_NOT_FIT == 1
     assert "platform gin: none" in out
     rows = [line for line in out.splitlines() if line.strip().startswith(("pre", "cont", "cool"))]
@@ -198,7 +196,7 @@ def test_bad_input_is_named_before_anything_compiles(tmp_path, topology, arm_lin
     before the second arm was laid on the slice, the log would say so."""
     bad_arm = tmp_path / "bad_arm.gin"
     bad_arm.write_text(f"include '{SMOKE_STAGES}'\n{arm_line}\n")
-    status, out, log, seconds = run_cli(
+    status, out, log = run_cli(
         ["--grid", SMOKE_STAGES, str(bad_arm), "--topology", topology, *flags]
     )
     assert status == 2
@@ -206,4 +204,3 @@ def test_bad_input_is_named_before_anything_compiles(tmp_path, topology, arm_lin
     if arm_line:  # the arm and stage the bad value is in
         assert f"{bad_arm}, stage 'pretrain': " in log
     assert "compiling step" not in log
-    assert seconds < 30  # planning alone; compiling the first arm's step takes about 10 s more
