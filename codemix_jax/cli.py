@@ -27,6 +27,7 @@ from codemix_jax.launch import job as launch_job
 from codemix_jax.model import ModelConfig, count_parameters
 from codemix_jax.nonfinite import DivergedError
 from codemix_jax.preemption import Preempted
+from codemix_jax.tpu_topology import TPU_PLATFORM_GIN
 from codemix_jax.train import train
 from codemix_jax.trained import load_trained
 
@@ -308,7 +309,7 @@ def _add_launch_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--scale", default="full", help="experiment: the arm's scale")
     create.add_argument("--stage", help="experiment: only this stage")
     create.add_argument(
-        "--no_platform_gin", action="store_true", help=f"leave {launch_job.PLATFORM_GIN} out"
+        "--no_platform_gin", action="store_true", help=f"leave {TPU_PLATFORM_GIN} out"
     )
     create.add_argument("--runtime_version", help="TPU VM software (default: per generation)")
     create.add_argument("--cluster", help="xpk: the team's GKE cluster")
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--mfu", default="0.3,0.6", help="assumed MFU: 'low,high' or one value")
     plan_cmd.add_argument(
         "--platform_gin",
-        default=planner.TPU_PLATFORM_GIN,
+        default=TPU_PLATFORM_GIN,
         help="parsed after each arm's files (default: the TPU kernels)",
     )
     plan_cmd.add_argument(

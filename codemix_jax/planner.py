@@ -25,13 +25,9 @@ from codemix_jax.budget import Budget, short_tokens
 from codemix_jax.data import MixtureInput
 from codemix_jax.job_shape import JobShape, job_shape
 from codemix_jax.model import ModelConfig, count_parameters, training_flops_per_token
-from codemix_jax.tpu_topology import GIB, TPU_GENERATIONS, TpuSlice, tpu_slice
+from codemix_jax.tpu_topology import GIB, TPU_GENERATIONS, TPU_PLATFORM_GIN, TpuSlice, tpu_slice
 
 log = logging.getLogger(__name__)
-
-# TPU runs train with the memory-saving kernels; paper A's arm files do not include them, and
-# paper A's 470M step does not fit a v5e chip without them (BENCHMARKS.md).
-TPU_PLATFORM_GIN = "gin/platforms/tpu.gin"
 
 # Paper A's own cost (Aryabumi et al. 2024): v5e chip-hours per 200B tokens, by our parameter
 # count of its two models (gin/models/470m.gin, gin/models/2p8b.gin; README's model grid).

@@ -17,6 +17,11 @@ from jax.experimental import topologies
 
 GIB = 2**30
 
+# TPU runs train with the memory-saving kernels (splash attention, the chunked loss): paper A's arm
+# files do not include them, and its 470M step does not fit a v5e chip without them. `codemix
+# plan` and `codemix launch` append this file unless told not to.
+TPU_PLATFORM_GIN = "gin/platforms/tpu.gin"
+
 
 @dataclasses.dataclass(frozen=True)
 class TpuGeneration:

@@ -7,11 +7,10 @@ import dataclasses
 import json
 import os
 
-from codemix_jax.tpu_topology import TpuSlice, tpu_slice
+from codemix_jax.tpu_topology import TPU_PLATFORM_GIN, TpuSlice, tpu_slice
 
 BACKENDS = ("tpu-vm", "queued", "xpk", "skypilot")
 PROVISIONING = ("on-demand", "spot", "reserved")
-PLATFORM_GIN = "gin/platforms/tpu.gin"  # splash attention and the chunked loss: paper A needs both
 DEFAULT_LAUNCH_DIR = "~/.codemix/launches"
 
 # gcloud names a v5e slice ``v5litepod-N``; the other generations keep codemix's name.
@@ -81,7 +80,7 @@ class LaunchSpec:
 
     @property
     def all_gin_files(self) -> tuple[str, ...]:
-        return (*self.gin_files, PLATFORM_GIN) if self.platform_gin else self.gin_files
+        return (*self.gin_files, TPU_PLATFORM_GIN) if self.platform_gin else self.gin_files
 
     @property
     def all_gin_bindings(self) -> tuple[str, ...]:

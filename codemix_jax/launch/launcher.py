@@ -16,10 +16,11 @@ from collections.abc import Callable
 from codemix_jax import run_dir
 from codemix_jax.launch import source, worker
 from codemix_jax.launch.gcloud import QueuedResource, TpuVm
-from codemix_jax.launch.job import PLATFORM_GIN, LaunchSpec, record_path
+from codemix_jax.launch.job import LaunchSpec, record_path
 from codemix_jax.launch.runner import LaunchFailed, Runner
 from codemix_jax.launch.skypilot import SkyPilot
 from codemix_jax.launch.xpk import Xpk
+from codemix_jax.tpu_topology import TPU_PLATFORM_GIN
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ def plan_notes(spec: LaunchSpec) -> list[str]:
     tpu = spec.tpu
     slices = f" x {spec.num_slices} slices" if spec.num_slices > 1 else ""
     platform = (
-        f"{PLATFORM_GIN} appended (TPU kernels; --no_platform_gin leaves it out)"
+        f"{TPU_PLATFORM_GIN} appended (TPU kernels; --no_platform_gin leaves it out)"
         if spec.platform_gin
-        else f"{PLATFORM_GIN} left out (--no_platform_gin)"
+        else f"{TPU_PLATFORM_GIN} left out (--no_platform_gin)"
     )
     notes = [
         f"launch {spec.name}: {spec.accelerator}{slices} ({tpu.chips} chips, {tpu.processes} "
