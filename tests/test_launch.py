@@ -243,6 +243,36 @@ def test_a_failed_command_is_not_restarted(caplog):
     assert not fake.find("create") and not fake.find("delete")
 
 
+@pytest.mark.parametrize("broken", ["exited 4", "exited 5"])
+def test_a_broken_job_is_started_again_on_the_same_slice(broken, tmp_path, caplog):
+    """A process lost (exit 4 on the others) or a step hung (5): the same command again, which
+    resumes; no new slice. Then it finishes."""
+    states = [broken, *all_workers("exited 0").splitlines()[1:]]
+    ended, done = "\n".join(states), all_workers("exited 0")
+    fake = Scripted({"describe": ["ACTIVE"], "kill -0": [ended, ended, done, done]})
+    with caplog.at_level(logging.INFO):
+        code = launcher.watch(
+            spec(), runner=fake, launch_dir=str(tmp_path), sleep=lambda s: None,
+            newest_step={f"{ROOT}/pretrain": 800}.get,
+        )  # fmt: skip
+    assert code == 0
+    assert len(fake.find("worker_start.sh", "--distributed")) == 1
+    assert not fake.find("create") and not fake.find("delete")
+    assert (
+        "the job broke" in caplog.text
+        and f"resumes from {ROOT}/pretrain at step 800" in caplog.text
+    )
+    assert json.loads(fake.files[record_path(str(tmp_path), "balanced")])["restarts"] == 1
+
+
+def test_a_broken_job_is_not_restarted_past_max_restarts(caplog):
+    broken = all_workers("exited 4")
+    fake = Scripted({"describe": ["ACTIVE"], "kill -0": [broken, broken]})
+    launch = dataclasses.replace(spec(), restarts=10, max_restarts=10)
+    code = launcher.watch(launch, runner=fake, launch_dir="/unused", sleep=lambda s: None)
+    assert code == 1 and not fake.find("worker_start.sh")
+
+
 def test_delete_of_a_queued_resource_still_waiting(tmp_path):
     launch = spec()
     fake = Scripted({"describe": ["WAITING_FOR_RESOURCES"]})

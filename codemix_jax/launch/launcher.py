@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from codemix_jax import run_dir
+from codemix_jax.distributed import EXIT_JOB_BROKEN
 from codemix_jax.launch import source, worker
 from codemix_jax.launch.gcloud import QueuedResource, TpuVm
 from codemix_jax.launch.job import LaunchSpec, record_path
@@ -21,6 +22,10 @@ from codemix_jax.launch.runner import LaunchFailed, Runner
 from codemix_jax.launch.skypilot import SkyPilot
 from codemix_jax.launch.xpk import Xpk
 from codemix_jax.tpu_topology import TPU_PLATFORM_GIN
+from codemix_jax.watchdog import EXIT_HUNG
+
+# Exits that leave a broken job, not a failed one: rerunning resumes from the checkpoints.
+BROKEN_JOB_EXITS = {f"exited {code}" for code in (EXIT_JOB_BROKEN, EXIT_HUNG)}
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +199,15 @@ def watch(
             states = _worker_states(tpu, runner)
             if worker.RUNNING not in states:
                 # An ending preemption also stops the command: believe the end one poll later.
-                if ended_before:
+                if not ended_before:
+                    ended_before = True
+                elif _broken(states) and spec.restarts < spec.max_restarts:
+                    spec = _rerun(
+                        spec, states, runner=runner, launch_dir=launch_dir, newest_step=newest_step
+                    )
+                    ended_before = False
+                else:
                     return _ended(spec, states)
-                ended_before = True
         sleep(poll_s)
 
 
@@ -224,6 +235,30 @@ def _recreate(
     return spec
 
 
+def _broken(states: list[str]) -> bool:
+    """Some worker's command left a broken job: a process lost (exit 4) or a step hung (exit 5)."""
+    return any(state in BROKEN_JOB_EXITS for state in states)
+
+
+def _rerun(
+    spec: LaunchSpec, states: list[str], *, runner: Runner, launch_dir: str, newest_step: NewestStep
+) -> LaunchSpec:
+    """Start the same command again on the same slice, which resumes from its checkpoints."""
+    log.warning(
+        "%s: the job broke (%s): starting it again",
+        spec.name,
+        _summary(states),
+    )
+    runner.run(_slice(spec).ssh(worker.start(spec)))
+    spec = dataclasses.replace(spec, restarts=spec.restarts + 1)
+    runner.write(record_path(launch_dir, spec.name), spec.to_json())
+    log.warning(
+        "%s restarted (restart %d of at most %d): %s",
+        *(spec.name, spec.restarts, spec.max_restarts, _resume_point(spec, newest_step)),
+    )
+    return spec
+
+
 def _resume_point(spec: LaunchSpec, newest_step: NewestStep) -> str:
     """Which checkpoint the restarted command resumes from: the newest under the run root."""
     for path in reversed(spec.run_dirs):
@@ -241,7 +276,7 @@ def _ended(spec: LaunchSpec, states: list[str]) -> int:
         log.info("%s: the command finished on every worker", spec.name)
         return 0
     log.error(
-        "%s: the command ended (%s); not a preemption, so not restarted: "
+        "%s: the command ended (%s); not a preemption or a broken job, so not restarted: "
         "`codemix launch logs --name %s --worker all`", spec.name, _summary(states), spec.name
     )  # fmt: skip
     return 1
