@@ -314,7 +314,12 @@ def _add_launch_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--runtime_version", help="TPU VM software (default: per generation)")
     create.add_argument("--cluster", help="xpk: the team's GKE cluster")
     create.add_argument("--image", help="xpk: image repository; tagged with the commit")
-    create.add_argument("--max_restarts", type=int, default=10, help="xpk, SkyPilot: on failure")
+    create.add_argument(
+        "--max_restarts",
+        type=int,
+        default=10,
+        help="restarts after a failure (xpk, SkyPilot) or a broken job (watch)",
+    )
     create.add_argument("--allow_dirty", action="store_true", help="ship HEAD despite changes")
     create.set_defaults(run=launch_commands.create)
     for name, run, help_text in (
