@@ -163,6 +163,17 @@ def wait_exit(process: subprocess.Popen, limit_s: float) -> float:
     return time.monotonic() - started
 
 
+def signal_at_step_10(processes, logs, signum: int, *, limit_s: float) -> float:
+    """Send ``signum`` to process 1 once process 0 logged step 10; seconds until process 0 exits.
+    Both are gone afterwards, whatever happened."""
+    try:
+        wait_for_step(logs[0], 10, processes)
+        processes[1].send_signal(signum)
+        return wait_exit(processes[0], limit_s=limit_s)
+    finally:
+        kill_all(processes)
+
+
 def kill_all(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         if process.poll() is None:
@@ -175,12 +186,7 @@ def killed_peer(local_data, tmp_path_factory):
     """Process 1 is SIGKILLed at step 10; how long process 0 takes to exit, and the logs."""
     run_dir = tmp_path_factory.mktemp("killed") / "run"
     processes, logs = two_process_job(local_data, run_dir, heartbeat_s=10)
-    try:
-        wait_for_step(logs[0], 10, processes)
-        processes[1].send_signal(signal.SIGKILL)
-        took = wait_exit(processes[0], limit_s=120)
-    finally:
-        kill_all(processes)
+    took = signal_at_step_10(processes, logs, signal.SIGKILL, limit_s=120)
     print(f"process 0 exited {took:.1f} s after process 1 was killed")
     return run_dir, processes[0].returncode, took, logs[0].read_text(), logs[1].read_text()
 
@@ -214,12 +220,7 @@ def test_a_stopped_process_is_named_by_the_watchdog_and_the_job_ends(local_data,
     processes, logs = two_process_job(
         local_data, tmp_path / "run", "StepWatchdog.exit_after_s = 8", heartbeat_s=100
     )
-    try:
-        wait_for_step(logs[0], 10, processes)
-        processes[1].send_signal(signal.SIGSTOP)
-        took = wait_exit(processes[0], limit_s=90)
-    finally:
-        kill_all(processes)
+    took = signal_at_step_10(processes, logs, signal.SIGSTOP, limit_s=90)
     survivor = logs[0].read_text()
     assert processes[0].returncode == 5, survivor[-3000:]
     assert re.search(
