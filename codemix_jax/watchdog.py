@@ -96,6 +96,7 @@ class StepTimes:
             with self._lock:
                 self._called[step] = time.monotonic()
         outputs = step_fn(*args)
+        # The last leaf: a metric of (state, metrics), never donated to the next step as state is.
         self._outputs.put((step, timed, jax.tree.leaves(outputs)[-1]))
         return outputs
 
