@@ -67,3 +67,31 @@ def exported_run(trained_run, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("exported_run") / "hf")
     assert cli.main(["export", "--run_dir", trained_run, "--step", "8", "--out", out]) == 0
     return out
+
+
+# The suite runs on two workers, a test file per worker at a time (pyproject.toml's addopts, with
+# xdist's reordering by test count turned off). A worker takes the next file when it is nearly
+# done with its own, so the longest files go first (measured on the 2-core host, longest first);
+# the rest keep their order. Otherwise a long file with few tests started last leaves the other
+# worker idle for minutes.
+LONGEST_FILES_FIRST = [
+    "test_multihost.py",
+    "test_no_hang.py",
+    "test_damaged_checkpoints.py",
+    "test_init_from.py",
+    "test_preemption.py",
+    "test_validation.py",
+    "test_experiment.py",
+    "test_cli.py",
+    "test_stops.py",
+    "test_sharding.py",
+    "test_resume.py",
+    "test_sampling.py",
+    "test_microbatches.py",
+    "test_export.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

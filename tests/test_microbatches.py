@@ -3,11 +3,6 @@ a microbatch count that does not split every host's and device's rows is refused
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import gin
 import jax
 import numpy as np
@@ -148,35 +143,6 @@ def test_train_refuses_bad_microbatches_before_reading_data(tmp_path, caplog, lo
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "mesh_losses.py")
-
-# The mesh script's own measured spread (test_sharding.MESH_RTOL), microbatching and chunking
-# only reorder float32 sums further.
-MESH_RTOL = 1e-6
-
-
-def test_microbatches_and_chunked_loss_on_8_device_meshes():
-    """3 steps under data/fsdp/tensor meshes equal the 1-device whole-batch reference; splitting
-    into microbatches moves no rows between devices; a per-device split is refused by name."""
-    meshes = [
-        {"data": 2, "fsdp": 2, "tensor": 2, "microbatches": 2},
-        {"data": 1, "fsdp": 2, "tensor": 4, "microbatches": 4, "chunk_size": 8},
-    ]
-    bad = {"data": 1, "fsdp": 8, "tensor": 1, "microbatches": 2}
-    result = subprocess.run(
-        [sys.executable, SCRIPT, json.dumps([{"num_devices": 1}, *meshes, bad])],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    reference, *results, refused = json.loads(line.removeprefix("RESULT "))
-    for mesh, got in zip(meshes, results, strict=True):
-        assert got["source_tokens"] == reference["source_tokens"], mesh
-        for key in ("loss", "grad_norm", "source_loss_sum"):
-            np.testing.assert_allclose(
-                got[key], reference[key], rtol=MESH_RTOL, err_msg=f"{key} on {mesh}"
-            )
-        assert got["split_collectives"] == [], mesh
-    assert "train.microbatches=2 does not divide the per-device batch 1" in refused["error"]
+# On 8-device meshes (data/fsdp/tensor, the chunked loss, a per-device split refused by name):
+# test_sharding.test_microbatches_and_chunked_loss_on_8_device_meshes, which shares that file's
+# mesh subprocess.

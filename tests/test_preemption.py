@@ -1,10 +1,10 @@
-"""SIGTERM and SIGINT: every process finishes its step, they save at one step, exit 0, and the
-rerun of the same command resumes to the losses of a run never stopped, bit for bit."""
+"""SIGTERM and SIGINT: the process finishes its step, saves it, exits 0, and the rerun of the same
+command resumes to the losses of a run never stopped, bit for bit. (Two processes, one of them
+told to stop: test_multihost, which shares its straight two-process run among several tests.)"""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +15,15 @@ import pytest
 from codemix_jax import gin_config
 from codemix_jax.preemption import watching_signals
 
-# Long enough that a signal sent at step 3 lands well before the end (two processes step slower).
+# Long enough that a signal sent at step 3 lands well before the end.
 NUM_STEPS = 100
-TWO_PROCESS_STEPS = 40
 
 
-def train_command(local_data, run_dir: Path, num_steps: int = NUM_STEPS) -> list[str]:
+def train_command(local_data, run_dir: Path) -> list[str]:
     bindings = [
         f"local_sources.corpus_dir = '{local_data.corpus_dir}'",
         f"MixtureInput.vocab_path = '{local_data.vocab_path}'",
-        f"NUM_STEPS = {num_steps}",
+        f"NUM_STEPS = {NUM_STEPS}",
         "WARMUP_STEPS = 2",
         "MixtureInput.global_batch_size = 8",
         "MixtureInput.seq_len = 64",
@@ -116,51 +115,3 @@ def test_a_signal_saves_the_step_exits_0_and_the_rerun_resumes_exactly(
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, NUM_STEPS + 1))
     assert resumed == straight_run  # bit for bit: floats compared exactly
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def start_two_processes(local_data, run_dir: Path) -> list[subprocess.Popen]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    coordinator = ["--coordinator_address", f"localhost:{free_port()}", "--num_processes", "2"]
-    return [
-        start(
-            [
-                *train_command(local_data, run_dir, TWO_PROCESS_STEPS),
-                *(*coordinator, "--process_id", str(index)),
-            ],
-            run_dir / f"process_{index}.log",
-            JAX_NUM_CPU_DEVICES="2",
-        )
-        for index in range(2)
-    ]
-
-
-def finish_both(processes: list[subprocess.Popen], run_dir: Path) -> list[str]:
-    return [finish(p, run_dir / f"process_{i}.log") for i, p in enumerate(processes)]
-
-
-def test_two_processes_agree_on_one_step_when_one_is_told_to_stop(local_data, tmp_path):
-    """SIGTERM reaches one process only; JAX's preemption service stops both at one step."""
-    straight = tmp_path / "straight"
-    finish_both(start_two_processes(local_data, straight), straight)
-
-    run_dir = tmp_path / "run"
-    processes = start_two_processes(local_data, run_dir)
-    wait_for_step(run_dir / "process_1.log", 3, processes[1])
-    processes[1].send_signal(signal.SIGTERM)
-    outputs = finish_both(processes, run_dir)
-
-    [stopped_at] = saved_steps(run_dir)
-    assert 3 <= stopped_at < TWO_PROCESS_STEPS
-    for output in outputs:
-        assert f"after step {stopped_at}: checkpoint saved" in output
-    saved_inputs = os.listdir(run_dir / "checkpoints" / str(stopped_at) / "data")
-    assert {"process_0-of-2", "process_1-of-2"} <= set(saved_inputs)
-
-    finish_both(start_two_processes(local_data, run_dir), run_dir)
-    assert losses(run_dir) == losses(straight)
