@@ -1,11 +1,37 @@
-"""Shared fixtures: a small real corpus and vocabulary, built once per test session."""
+"""Shared fixtures: a small real corpus and vocabulary, built once per test session; one JAX
+compilation cache for the whole run."""
 
+import os
+import shutil
+import tempfile
 from typing import NamedTuple
 
+import jax
 import pytest
 
 from codemix_jax.data import build_local_corpus, train_vocab
 from codemix_jax.data.instruction_sets import build_local_instructions
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = pytest.StashKey[str]()  # the cache dir this process made (and removes at the end)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Most tests compile the same tiny train steps again, in this process and in the `codemix`
+    processes they start: JAX's persistent compilation cache, fresh for each run and shared by
+    the xdist workers (they inherit the controller's environment) and every subprocess, compiles
+    each once. It changes how long a compile takes, never what runs."""
+    if _CACHE_ENV not in os.environ:
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="codemix-test-jax-cache-")
+        config.stash[_OWN_CACHE] = os.environ[_CACHE_ENV]
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if own := config.stash.get(_OWN_CACHE, None):
+        shutil.rmtree(own, ignore_errors=True)
 
 
 class LocalData(NamedTuple):
