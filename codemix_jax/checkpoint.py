@@ -9,6 +9,7 @@ the input resumes exactly where it stopped), and ``meta`` (JSON: the run's ident
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -16,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -351,7 +352,8 @@ class Checkpoints:
         """Block until the pending save is on disk; raises what failed in writing it."""
         writing, self._writing = self._writing, None
         if writing is not None:
-            writing.result()
+            with _writer_at_full_priority():
+                writing.result()
 
     def describe_latest(self) -> str:
         """The newest checkpoint, in words for a message."""
@@ -385,6 +387,38 @@ def _yield_to_training() -> None:
     it runs only on CPUs nothing else wants): on a host whose CPUs also run the steps, writing
     must not slow them. There it may finish some steps later; the next save waits for it."""
     os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
+@contextlib.contextmanager
+def _writer_at_full_priority() -> Iterator[None]:
+    """While the training thread waits for a save (the final one, one at a stop, or one the next
+    save caught up with), it has nothing to yield to: this process's SCHED_IDLE threads (the
+    writer and the threads it started) run at normal priority, idle again afterwards. Without
+    it, on a busy host the last save of a run waited for CPUs that never fell idle."""
+    raised = _set_policy(_idle_threads(), os.SCHED_OTHER)
+    try:
+        yield
+    finally:
+        _set_policy(raised, os.SCHED_IDLE)
+
+
+def _idle_threads() -> list[int]:
+    found = []
+    for name in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            if os.sched_getscheduler(int(name)) == os.SCHED_IDLE:
+                found.append(int(name))
+    return found
+
+
+def _set_policy(thread_ids: list[int], policy: int) -> list[int]:
+    """The threads whose policy was set; one that ended, or that we may not raise, is left."""
+    done = []
+    for thread_id in thread_ids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setscheduler(thread_id, policy, os.sched_param(0))
+            done.append(thread_id)
+    return done
 
 
 class SavedRun:
