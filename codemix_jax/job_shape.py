@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import gin
 
-from codemix_jax import sharding
+from codemix_jax import gin_config, sharding
 from codemix_jax.tpu_topology import TpuSlice, tpu_slice
+
+if TYPE_CHECKING:
+    from codemix_jax.stage_plan import StagePlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,20 @@ def job_shape(*, accelerator: str, num_slices: int = 1) -> JobShape:
     )
     _check_batch(shape, where)
     return shape
+
+
+def stage_shapes(
+    stages: Sequence[StagePlan], *, accelerator: str, num_slices: int = 1
+) -> Iterator[tuple[StagePlan, JobShape]]:
+    """Each stage of an experiment's plan laid on the slice, its gin config parsed while it is
+    yielded; the first that cannot run there is refused, naming the stage."""
+    for stage in stages:
+        gin_config.parse(stage.gin_files, stage.bindings)
+        try:
+            shape = job_shape(accelerator=accelerator, num_slices=num_slices)
+        except ValueError as error:
+            raise ValueError(f"stage {stage.name!r}: {error}") from error
+        yield stage, shape
 
 
 def _check_batch(shape: JobShape, where: str) -> None:

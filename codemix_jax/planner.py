@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import gin
 
-from codemix_jax import aot, experiment, gin_config
+from codemix_jax import aot, experiment
 from codemix_jax.budget import Budget, short_tokens
 from codemix_jax.data import MixtureInput
-from codemix_jax.job_shape import JobShape, job_shape
+from codemix_jax.job_shape import JobShape, stage_shapes
 from codemix_jax.model import ModelConfig, count_parameters, training_flops_per_token
 from codemix_jax.tpu_topology import GIB, TPU_GENERATIONS, TPU_PLATFORM_GIN, TpuSlice, tpu_slice
 
@@ -174,24 +174,23 @@ def _laid_out(
 ) -> list[_Setup]:
     plan = experiment.plan_experiment(gin_files=files, bindings=bindings, root=root, scale=scale)
     setups: dict[str, _Setup] = {}
-    for stage in plan.stages:
-        gin_config.parse(stage.gin_files, stage.bindings)
-        try:
-            shape = job_shape(accelerator=tpu.accelerator, num_slices=tpu.num_slices)
-        except ValueError as error:
-            raise ValueError(f"{label}, stage {stage.name!r}: {error}") from error
-        init = setups[stage.init.name].identity if stage.init else "scratch"
-        setups[stage.name] = _Setup(
-            experiment=label,
-            name=stage.name,
-            budget=stage.budget,
-            shape=shape,
-            model=ModelConfig(),
-            gin_files=stage.gin_files,
-            bindings=stage.bindings,
-            step_key=_step_key(shape),
-            identity=f"{stage.name}\n{init}\n{_stage_config()}",
-        )
+    stages = stage_shapes(plan.stages, accelerator=tpu.accelerator, num_slices=tpu.num_slices)
+    try:
+        for stage, shape in stages:
+            init = setups[stage.init.name].identity if stage.init else "scratch"
+            setups[stage.name] = _Setup(
+                experiment=label,
+                name=stage.name,
+                budget=stage.budget,
+                shape=shape,
+                model=ModelConfig(),
+                gin_files=stage.gin_files,
+                bindings=stage.bindings,
+                step_key=_step_key(shape),
+                identity=f"{stage.name}\n{init}\n{_stage_config()}",
+            )
+    except ValueError as error:
+        raise ValueError(f"{label}, {error}") from error
     return list(setups.values())
 
 

@@ -7,13 +7,14 @@ setup on 64 workers, or a pre-training stage that fails when the next stage star
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import tempfile
 
-from codemix_jax import gin_config
-from codemix_jax.job_shape import job_shape
+from codemix_jax import experiment, gin_config
+from codemix_jax.job_shape import job_shape, stage_shapes
 from codemix_jax.launch import source, zones
 from codemix_jax.launch.job import BACKENDS, PROVISIONING, LaunchSpec
-from codemix_jax.stages import Experiment
 
 # TPU, queued-resource and GKE workload names: lowercase letters, digits and hyphens.
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?")
@@ -62,24 +63,22 @@ def _check_options(spec: LaunchSpec) -> None:
 
 
 def _check_job_shape(spec: LaunchSpec) -> tuple[str, ...]:
-    """Lay the gin config on the slice (every stage of an experiment); return the stage names."""
-    files, bindings = spec.all_gin_files, spec.all_gin_bindings
-    gin_config.parse(files, bindings)
+    """Lay the gin config on the slice (every stage of an experiment, or the one ``--stage``
+    names, as `codemix experiment` plans it); return the arm's stage names."""
     if spec.run_dir:
+        gin_config.parse(spec.all_gin_files, spec.all_gin_bindings)
         job_shape(accelerator=spec.accelerator, num_slices=spec.num_slices)
         return ()
-    arm_files = (*files, *Experiment().scale(spec.scale).gin_files)
-    gin_config.parse(arm_files, bindings)
-    stages = Experiment().stages
-    names = tuple(stage.name for stage in stages)
+    with tempfile.TemporaryDirectory() as scratch:
+        plan = experiment.plan_experiment(
+            gin_files=spec.all_gin_files,
+            bindings=spec.all_gin_bindings,
+            root=os.path.join(scratch, "root"),  # never created: nothing is read from gs://
+            scale=spec.scale,
+        )
+    names = tuple(stage.name for stage in plan.stages)
     if spec.stage and spec.stage not in names:
         raise ValueError(f"no stage {spec.stage!r} in the arm; its stages: {', '.join(names)}")
-    for stage in stages:
-        if spec.stage and stage.name != spec.stage:
-            continue
-        gin_config.parse((*arm_files, *stage.gin_files), (*stage.bindings, *bindings))
-        try:
-            job_shape(accelerator=spec.accelerator, num_slices=spec.num_slices)
-        except ValueError as error:
-            raise ValueError(f"stage {stage.name!r}: {error}") from error
+    chosen = [stage for stage in plan.stages if spec.stage in (None, stage.name)]
+    list(stage_shapes(chosen, accelerator=spec.accelerator, num_slices=spec.num_slices))
     return names
