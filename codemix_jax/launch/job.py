@@ -45,10 +45,10 @@ class LaunchSpec:
     runtime_version: str | None = None
     cluster: str | None = None  # xpk: the team's GKE cluster
     image: str | None = None  # xpk: image repository; the tag is the commit
-    max_restarts: int = 10  # xpk and SkyPilot: restarts after a failure other than preemption
+    max_restarts: int = 10  # restarts after a failure (xpk, SkyPilot) or a broken job (watch)
     commit: str = ""
     stages: tuple[str, ...] = ()  # an experiment's stage folders, to say where a resume starts
-    restarts: int = 0  # re-creations after a preemption, counted by `watch`
+    restarts: int = 0  # counted by `watch`: re-creations after a preemption, broken-job reruns
 
     @property
     def tpu(self) -> TpuSlice:

@@ -114,7 +114,7 @@ def _worker_states(tpu: Slice, runner: Runner) -> list[str]:
 
 def status(spec: LaunchSpec, *, runner: Runner, launch_dir: str) -> str:
     """The slice's (or workload's) state and the command's, in a few lines."""
-    lines = [*plan_notes(spec), f"restarts after preemption (watch): {spec.restarts}"]
+    lines = [*plan_notes(spec), f"restarts by watch (preemptions, broken jobs): {spec.restarts}"]
     if spec.backend == "xpk":
         xpk = Xpk(spec)
         runner.run(xpk.list_workload())
@@ -180,8 +180,9 @@ def watch(
     sleep: Sleep = time.sleep,
     newest_step: NewestStep = run_dir.latest_step,
 ) -> int:
-    """Poll until the command ends; re-create a preempted slice and rerun the same command, which
-    resumes from the newest checkpoints. Returns the command's exit status (0 when all exit 0)."""
+    """Poll until the command ends; re-create a preempted slice and rerun the same command, and
+    rerun a broken job's (exit 4 or 5) on the same slice: the rerun resumes from the newest
+    checkpoints. Returns the command's exit status (0 when all exit 0)."""
     tpu = _slice(spec)
     if tpu is None:
         raise ValueError(
@@ -227,12 +228,7 @@ def _recreate(
     runner.run(tpu.create())
     _wait_ready(tpu, runner=runner, sleep=sleep)
     _setup_and_start(tpu, runner=runner)
-    spec = dataclasses.replace(spec, restarts=spec.restarts + 1)
-    runner.write(record_path(launch_dir, spec.name), spec.to_json())
-    log.warning(
-        "%s restarted (restart %d): %s", spec.name, spec.restarts, _resume_point(spec, newest_step)
-    )
-    return spec
+    return _restarted(spec, runner=runner, launch_dir=launch_dir, newest_step=newest_step)
 
 
 def _broken(states: list[str]) -> bool:
@@ -245,16 +241,21 @@ def _rerun(
 ) -> LaunchSpec:
     """Start the same command again on the same slice, which resumes from its checkpoints."""
     log.warning(
-        "%s: the job broke (%s): starting it again",
-        spec.name,
-        _summary(states),
+        "%s: the job broke (%s): starting it again (at most %d restarts)",
+        *(spec.name, _summary(states), spec.max_restarts),
     )
     runner.run(_slice(spec).ssh(worker.start(spec)))
+    return _restarted(spec, runner=runner, launch_dir=launch_dir, newest_step=newest_step)
+
+
+def _restarted(
+    spec: LaunchSpec, *, runner: Runner, launch_dir: str, newest_step: NewestStep
+) -> LaunchSpec:
+    """The restart counted in the launch record, and where the command resumes, logged."""
     spec = dataclasses.replace(spec, restarts=spec.restarts + 1)
     runner.write(record_path(launch_dir, spec.name), spec.to_json())
     log.warning(
-        "%s restarted (restart %d of at most %d): %s",
-        *(spec.name, spec.restarts, spec.max_restarts, _resume_point(spec, newest_step)),
+        "%s restarted (restart %d): %s", spec.name, spec.restarts, _resume_point(spec, newest_step)
     )
     return spec
 
