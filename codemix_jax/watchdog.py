@@ -82,7 +82,7 @@ class StepTimes:
         self._called: dict[int, float] = {}  # unfinished steps -> when their call began
         self._last_done = time.monotonic()
         self._warned: int | None = None
-        self._calls = 0
+        self._first_call = True  # it compiles: not timed
         self._stopped = threading.Event()
         for target in (self._wait_for_steps, self._check_oldest):
             threading.Thread(target=target, name=f"watchdog{target.__name__}", daemon=True).start()
@@ -90,8 +90,7 @@ class StepTimes:
     def run(self, step: int, step_fn: Callable[..., T], *args: Any) -> T:
         """``step_fn(*args)``, timed as step ``step`` until its outputs are ready. The first call
         compiles (minutes at scale), so the first step is not timed."""
-        timed = self._calls > 0
-        self._calls += 1
+        timed, self._first_call = not self._first_call, False
         if timed:
             with self._lock:
                 self._called[step] = time.monotonic()
@@ -117,16 +116,14 @@ class StepTimes:
                 output.block_until_ready()
             except jax.errors.JaxRuntimeError:
                 return  # the step failed: the training thread meets the same error and reports it
-            if not timed:
-                self._last_done = time.monotonic()
-                continue
-            median = self.median()
+            now, median = time.monotonic(), self.median()  # the median before this step joins
             with self._lock:
-                took = time.monotonic() - self._started(step)
-                self._last_done = time.monotonic()
-                del self._called[step]
-                self._durations.append(took)
-            if median and self._policy.slow_factor and took > self._policy.slow_factor * median:
+                if timed:
+                    took = now - self._started(step)
+                    del self._called[step]
+                    self._durations.append(took)
+                self._last_done = now
+            if timed and self._far_slower(took, median):
                 log.warning(
                     "step %d took %.1f s, %.0fx the median step (%.3f s)",
                     *(step, took, took / median, median),
@@ -152,10 +149,14 @@ class StepTimes:
                 )
                 return
 
+    def _far_slower(self, seconds: float, median: float | None) -> bool:
+        factor = self._policy.slow_factor
+        return bool(factor and median and seconds > factor * median)
+
     def _check(self, step: int, elapsed: float) -> None:
         """Name a running step once it is far slower than the median."""
-        median, factor = self.median(), self._policy.slow_factor
-        if factor and median and elapsed > factor * median and self._warned != step:
+        median = self.median()
+        if self._far_slower(elapsed, median) and self._warned != step:
             self._warned = step
             log.warning(
                 "step %d has been running for %.1f s, %.0fx the median step (%.3f s): a slow "
