@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import gin
 import jax
@@ -50,6 +51,23 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
         raise GinConfigError(
             f"invalid gin config (files {list(gin_files)}, bindings {list(bindings)}): {error}"
         ) from error
+
+
+REQUIRED = object()  # ``bound``'s default: an unbound selector is an error
+
+
+def bound(selector: str, *, what: str, default: Any = REQUIRED) -> Any:
+    """The value gin will inject for ``selector`` in the parsed config, references and macros
+    (``%IT_BATCH``) evaluated; ``default`` if unbound, else a ValueError naming ``what``."""
+    try:
+        value = gin.query_parameter(selector)
+    except ValueError as error:
+        if default is REQUIRED:
+            raise ValueError(f"{what}: its gin config does not bind {selector}") from error
+        return default
+    if isinstance(value, gin.config.ConfigurableReference):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+    return value
 
 
 def _resolve(path: str) -> str:

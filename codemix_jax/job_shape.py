@@ -11,13 +11,14 @@ import inspect
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-import gin
-
 from codemix_jax import gin_config, sharding
 from codemix_jax.tpu_topology import TpuSlice, tpu_slice
 
 if TYPE_CHECKING:
     from codemix_jax.stage_plan import StagePlan
+
+
+_WHAT = "the job"  # names it in a missing binding's error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,9 @@ def job_shape(*, accelerator: str, num_slices: int = 1) -> JobShape:
     shape = JobShape(
         tpu=tpu,
         mesh=mesh,
-        global_batch_size=_bound("MixtureInput.global_batch_size"),
-        seq_len=_bound("MixtureInput.seq_len"),
-        microbatches=_bound("train.microbatches", default=1),
+        global_batch_size=gin_config.bound("MixtureInput.global_batch_size", what=_WHAT),
+        seq_len=gin_config.bound("MixtureInput.seq_len", what=_WHAT),
+        microbatches=gin_config.bound("train.microbatches", what=_WHAT, default=1),
     )
     _check_batch(shape, where)
     return shape
@@ -104,21 +105,6 @@ def _mesh_axes() -> dict[str, int]:
     """make_mesh's data/fsdp/tensor as the gin config binds them (its defaults otherwise)."""
     defaults = inspect.signature(sharding.make_mesh).parameters
     return {
-        axis: _bound(f"make_mesh.{axis}", default=defaults[axis].default)
+        axis: gin_config.bound(f"make_mesh.{axis}", what=_WHAT, default=defaults[axis].default)
         for axis in sharding.MESH_AXES
     }
-
-
-_REQUIRED = object()
-
-
-def _bound(selector: str, *, default: object = _REQUIRED) -> int:
-    try:
-        value = gin.query_parameter(selector)
-        while isinstance(value, gin.config.ConfigurableReference):  # a macro: %IT_BATCH
-            value = gin.query_parameter(repr(value))
-        return value
-    except ValueError as error:
-        if default is _REQUIRED:
-            raise ValueError(f"the gin config does not bind {selector}") from error
-        return default

@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any
 
-import gin
 import numpy as np
 
 from codemix_jax import gin_config, run_dir
@@ -21,8 +19,6 @@ from codemix_jax.checkpoint import CheckpointMismatchError, check_same_run, run_
 from codemix_jax.data import MixtureInput
 from codemix_jax.model import ModelConfig
 from codemix_jax.stages import PREVIOUS, Experiment, Stage
-
-_REQUIRED = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +125,8 @@ def require_finished_init(plan: StagePlan) -> None:
 
 def _budgets(stage: Stage, token_divisor: float, what: str) -> tuple[Budget, Budget | None]:
     """The stage's steps and warmup steps, at ``global_batch_size x seq_len`` tokens a step."""
-    batch = _bound("MixtureInput.global_batch_size", what)
-    tokens_per_step = batch * _bound("MixtureInput.seq_len", what)
+    batch = gin_config.bound("MixtureInput.global_batch_size", what=what)
+    tokens_per_step = batch * gin_config.bound("MixtureInput.seq_len", what=what)
     budget = token_budget(stage.tokens / token_divisor, tokens_per_step=tokens_per_step, what=what)
     if stage.warmup_tokens is None:
         return budget, None
@@ -185,12 +181,13 @@ def _checked_learning_rates(
 ) -> tuple[float, float]:
     """The LR at the first and the last step (step s trains with schedule(s - 1)), once the run's
     length and first LR are seen to be the ones the runner bound."""
-    if _bound("train.num_steps", what) != num_steps:
+    bound_steps = gin_config.bound("train.num_steps", what=what)
+    if bound_steps != num_steps:
         raise ValueError(
-            f"{what}: train.num_steps is {_bound('train.num_steps', what)}, not the {num_steps} "
+            f"{what}: train.num_steps is {bound_steps}, not the {num_steps} "
             "steps of its token budget; bind train.num_steps = %NUM_STEPS (gin/base.gin does)"
         )
-    schedule = _bound("train.learning_rate", what)
+    schedule = gin_config.bound("train.learning_rate", what=what)
     first, last = float(schedule(0)), float(schedule(num_steps - 1))
     if start_lr is not None and np.float32(first) != np.float32(start_lr):
         raise ValueError(
@@ -212,22 +209,9 @@ def _check_checkpoint(
     identity = run_identity(
         model_config=ModelConfig(),
         input_settings=dataset.stream_settings(),
-        seed=_bound("train.seed", what, default=0),
+        seed=gin_config.bound("train.seed", what=what, default=0),
     )
     try:
         check_same_run(run_dir.saved_identity(stage_dir, latest), identity, latest)
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(f"{what} in {stage_dir}: {error}") from error
-
-
-def _bound(selector: str, what: str, default: Any = _REQUIRED) -> Any:
-    """The value gin will inject for ``selector``, references and macros evaluated."""
-    try:
-        value = gin.query_parameter(selector)
-    except ValueError as error:
-        if default is _REQUIRED:
-            raise ValueError(f"{what}: its gin config does not bind {selector}") from error
-        return default
-    if isinstance(value, gin.config.ConfigurableReference):
-        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
-    return value
