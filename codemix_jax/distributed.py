@@ -68,7 +68,8 @@ def join(
 def leave_broken_job(error: BaseException) -> NoReturn:
     """Exit now, naming what failed. A process of a job whose peer is gone cannot finish a
     collective, and jax's orderly shutdown would wait for the dead peer, then abort."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
     log.error(
         "process %d of %d: the job is broken (%s). Another process probably died or was "
         "preempted: see its log. Exiting with code %d; rerun the job to resume from its newest "
