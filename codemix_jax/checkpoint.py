@@ -49,19 +49,21 @@ def failure_returned(restore: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(restore)
     def returning(self: Any, directory: epath.Path, *args: Any, **kwargs: Any) -> Any:
+        sys.unraisablehook = _drop_abandoned_reads
         try:
             return restore(self, directory, *args, **kwargs)
         except Exception as error:
-            sys.unraisablehook = _drop_abandoned_reads
             return RestoreFailure(error)
 
     return returning
 
 
 def _drop_abandoned_reads(unraisable: Any) -> None:
-    """``sys.unraisablehook`` once a restore failed: the reads it left in flight report back to
-    orbax's event loop, closed by then, each with a traceback ("Event loop is closed"). Those are
-    dropped (the failure itself is reported once); everything else goes to Python's hook."""
+    """``sys.unraisablehook`` from the first restore on: the reads a failed restore leaves in
+    flight report back to orbax's event loop, closed by then, each with a traceback ("Event loop
+    is closed"). Those are dropped (the failure itself is reported once); everything else goes to
+    Python's hook. Installed before the restore, not once it failed: the loop closes inside
+    orbax, and a read can report back before the failure reaches ``failure_returned``."""
     error = unraisable.exc_value
     if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
         sys.__unraisablehook__(unraisable)

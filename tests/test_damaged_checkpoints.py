@@ -3,6 +3,7 @@ checkpoint left it stops with exit 2 and one line. One straight 12-step run (che
 and 12) is copied for each test and its step 12 damaged as a crash, a full disk or a bad copy
 would."""
 
+import asyncio
 import logging
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 from test_resume import STEPS, records, saved_state, train_args, train_cli
+
+from codemix_jax.checkpoint import RestoreFailure, failure_returned
 
 
 def state_file(step_dir: Path) -> Path:
@@ -117,6 +120,27 @@ def test_a_damaged_checkpoint_is_reported_in_one_line_not_a_page(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint at step 12 is damaged (" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_read_reporting_back_before_the_restore_fails_is_dropped_too(monkeypatch, capsys):
+    """The race behind the test above: orbax's loop closes inside the restore, and an abandoned
+    read can report back to it before the failure reaches ``failure_returned``."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    closed_loop = asyncio.new_event_loop()
+    closed_loop.close()
+
+    class AbandonedRead:
+        def __del__(self) -> None:
+            closed_loop.call_soon_threadsafe(print)  # RuntimeError: Event loop is closed
+
+    def restore(handler: object, directory: Path) -> None:
+        AbandonedRead()  # reports back (unraisable) at once, while the restore still runs
+        raise ValueError("damaged")
+
+    failure = failure_returned(restore)(None, Path("step"))
+
+    assert isinstance(failure, RestoreFailure) and str(failure.error) == "damaged"
+    assert capsys.readouterr().err == ""
 
 
 def test_keep_policy_removes_the_good_checkpoint_only_for_a_newer_good_one(
