@@ -163,13 +163,30 @@ def logical_to_shardings(abstract_tree, mesh: Mesh, rules: Rules, *, what: str):
     )
 
 
+def sharded_abstract(boxed_abstract_tree, mesh: Mesh, rules: Rules, *, what: str):
+    """The abstract values (shapes carrying their shardings) and the shardings of a boxed
+    ``jax.eval_shape`` tree: what a checkpoint restores into and a jit lays out its output by."""
+    shardings = logical_to_shardings(boxed_abstract_tree, mesh, rules, what=what)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        unbox_abstract(boxed_abstract_tree),
+        shardings,
+    )
+    return abstract, shardings
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Shard the leading (batch) dimension over data and fsdp, replicate the rest."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many shards the batch dimension is split into (``batch_sharding``)."""
+    return _axis_size(mesh, BATCH_AXES)
+
+
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
-    size = _axis_size(mesh, BATCH_AXES)
+    size = batch_shards(mesh)
     if global_batch_size % size:
         raise ShardingError(
             f"global batch size {global_batch_size} does not divide the data*fsdp mesh size {size}"

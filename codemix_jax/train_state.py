@@ -52,13 +52,7 @@ def state_layout(
     # The key is made inside eval_shape: an eager one would need a device that can run code,
     # which compile-only TPU devices (`codemix aot`) are not.
     boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0)))
-    shardings = sharding.logical_to_shardings(boxed, mesh, rules, what="parameter")
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        sharding.unbox_abstract(boxed),
-        shardings,
-    )
-    return abstract, shardings
+    return sharding.sharded_abstract(boxed, mesh, rules, what="parameter")
 
 
 def init_train_state(

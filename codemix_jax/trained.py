@@ -128,12 +128,7 @@ def load_trained(
     meta = run.meta(step)
     config = runnable_here(ModelConfig(**meta["ModelConfig"]), mesh.devices.flat[0].platform)
     boxed = jax.eval_shape(lambda: init_params(Transformer(config), jax.random.key(0)))
-    shardings = sharding.logical_to_shardings(boxed, mesh, rules, what="parameter")
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        sharding.unbox_abstract(boxed),
-        shardings,
-    )
+    abstract, _ = sharding.sharded_abstract(boxed, mesh, rules, what="parameter")
     params = run.restore_state(step, {"params": abstract})["params"]
     stream = meta["MixtureInput"]
     log.info("loaded %s step %d", run.directory, step)

@@ -351,12 +351,7 @@ def test_splash_model_lowers_and_compiles_for_tpu_from_this_host():
     model = Transformer(config)
     rules = sharding.LOGICAL_AXIS_RULES
     boxed = jax.eval_shape(lambda: init_params(config))
-    shardings = sharding.logical_to_shardings(boxed, mesh, rules, what="parameter")
-    params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        sharding.unbox_abstract(boxed),
-        shardings,
-    )
+    params, _ = sharding.sharded_abstract(boxed, mesh, rules, what="parameter")
     ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
 
     def loss(params, ids):

@@ -20,9 +20,9 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from codemix_jax import sharding
+from codemix_jax.eval.batch_shape import padded_length, padded_rows
 from codemix_jax.model import Transformer
 
-_LENGTH_BUCKET = 32  # rows are padded to a multiple of this: few lengths, few compilations
 Request = tuple[Sequence[int], Sequence[int]]
 
 
@@ -51,8 +51,7 @@ class LoglikelihoodScorer:
         self.params = params
         self.mesh = mesh
         self.rules = rules
-        multiple = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.rows = -(-rows // multiple) * multiple
+        self.rows = padded_rows(rows, mesh)
 
     def loglikelihoods(self, requests: Sequence[Request]) -> list[float]:
         """One float per request: log p(continuation | context), natural log.
@@ -76,7 +75,7 @@ class LoglikelihoodScorer:
 
     def _batch(self, rows: list[tuple[list[int], int]]) -> list[float]:
         longest = max(len(tokens) - 1 for tokens, _ in rows)
-        length = min(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, self.model.config.max_seq_len)
+        length = padded_length(longest, self.model.config.max_seq_len)
         batch = {name: np.zeros((self.rows, length), np.int32) for name in _FIELDS}
         weights = np.zeros((self.rows, length), np.float32)
         for i, (tokens, scored) in enumerate(rows):

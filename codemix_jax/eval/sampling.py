@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from codemix_jax import sharding
 from codemix_jax.data import load_vocab
+from codemix_jax.eval.batch_shape import padded_length, padded_rows
 from codemix_jax.model import Transformer
 from codemix_jax.model.transformer import init_cache
 from codemix_jax.trained import TrainedModel
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 PAD_ID = 0
 EOS_ID = 1
-_LENGTH_BUCKET = 32  # prompts are padded to a multiple of this: few lengths, few compilations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +119,7 @@ class Sampler:
         self.mesh = mesh
         self.rules = rules
         self.vocab_size = vocab_size
-        self.rows_multiple = mesh.shape["data"] * mesh.shape["fsdp"]  # rows shard over these
-        self.batch_rows = _round_up(batch_rows, self.rows_multiple)
+        self.batch_rows = padded_rows(batch_rows, mesh)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], settings: SamplingSettings
@@ -152,8 +151,8 @@ class Sampler:
         """At most ``batch_rows`` prompts, padded to the batch's rows and a bucketed length."""
         longest = max(len(prompt) for prompt in prompts)
         room = self.model.config.max_seq_len - settings.max_new_tokens
-        length = min(_round_up(longest, _LENGTH_BUCKET), room)
-        rows = _round_up(len(prompts), self.rows_multiple)
+        length = padded_length(longest, room)
+        rows = padded_rows(len(prompts), self.mesh)
         batch = left_padded(prompts + [[EOS_ID]] * (rows - len(prompts)), length)
         new_tokens = self._run(batch, settings)
         return [_until_eos(row) for row in new_tokens[: len(prompts)]]
@@ -175,10 +174,6 @@ class Sampler:
                 self.model, settings, self.vocab_size, self.params, inputs, settings.seed
             )
         return np.asarray(jax.device_get(new_tokens))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _until_eos(row: np.ndarray) -> list[int]:
