@@ -41,8 +41,8 @@ def token_losses(*, chunk_size: int = 0) -> TokenLosses:
 
     Args:
       chunk_size: 0 = the reference, full float32 logits and optax's cross entropy; N > 0 = N
-        positions of every row at a time (``chunked_cross_entropy``); N must divide the sequence
-        length.
+        positions of every row at a time (``chunked_cross_entropy``); N must divide a longer
+        sequence, and a shorter one is one chunk (a TPU file's 1024 serves a seq-128 smoke run).
     """
     if chunk_size < 0:
         raise ValueError(
@@ -88,9 +88,11 @@ def chunked_cross_entropy(
 
     Rounds as the full-logits head does: the kernel is cast to the hidden states' dtype and each
     chunk's logits are accumulated in float32 (``vocab_logits``). The kernel's gradient is summed
-    over chunks in float32 and cast to its dtype once, as one full-size matmul would.
+    over chunks in float32 and cast to its dtype once, as one full-size matmul would. A row no
+    longer than ``chunk_size`` is one chunk.
     """
     length = hidden.shape[1]
+    chunk_size = min(chunk_size, length)
     if length % chunk_size:
         raise ValueError(
             f"token_losses.chunk_size={chunk_size} does not divide the sequence length {length}"
