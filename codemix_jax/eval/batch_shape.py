@@ -11,15 +11,15 @@ from codemix_jax import sharding
 LENGTH_BUCKET = 32
 
 
-def round_up(n: int, multiple: int) -> int:
+def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def padded_rows(rows: int, mesh: Mesh) -> int:
     """``rows`` rounded up to a multiple of the mesh's batch shards."""
-    return round_up(rows, sharding.batch_shards(mesh))
+    return _round_up(rows, sharding.batch_shards(mesh))
 
 
 def padded_length(longest: int, limit: int) -> int:
     """The bucketed length for rows of at most ``longest`` tokens, capped at ``limit``."""
-    return min(round_up(longest, LENGTH_BUCKET), limit)
+    return min(_round_up(longest, LENGTH_BUCKET), limit)
